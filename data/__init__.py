@@ -1,0 +1,1 @@
+"""Dataset readers, image/text preprocessing and test fixtures."""

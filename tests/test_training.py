@@ -1,0 +1,164 @@
+"""Training on the tiny recipe: configs compose, checkpoints round-trip, resume, freezing."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import CONFIG_DIR, compose_train
+from training.checkpoint import load_checkpoint
+from training.loop import STATE_FILE, Trainer
+from training.model import MAX_LOGIT_SCALE, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(csv_path, *extra):
+    return compose_train(["experiment=tiny", f"data.csv={csv_path}", *extra])
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_every_experiment_config_composes(experiment):
+    cfg = compose_train([f"experiment={experiment}", "data.csv=/x.csv"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.model.embed_dim > 0 and cfg.trainer.batch_size > 0
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")))
+def test_every_model_recipe_composes(model):
+    cfg = compose_train([f"model={model}"])
+    assert {"image", "text", "head", "embed_dim"} <= set(cfg.model)
+
+
+def test_few_steps_write_a_checkpoint_that_loads_back_identically(shapes_csv, tmp_path):
+    trainer = Trainer(tiny_cfg(shapes_csv, "trainer.max_steps=3"), tmp_path)
+    trainer.fit()
+    loaded = load_checkpoint(tmp_path / "last", device="cpu", bf16=False)
+    trainer.model.eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    texts = ["a red circle", "square in blue", "a yellow cross", "x"]
+    with torch.no_grad():
+        expected_images = trainer.model.encode_image(pixels.contiguous(memory_format=torch.channels_last))
+        tokens = loaded.tokenize(texts)
+        expected_texts = trainer.model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(loaded.embed_images(pixels), expected_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loaded.embed_texts(texts), expected_texts, atol=1e-6, rtol=0)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert rows and {"val/R@1", "val/R@5", "val/MRR", "train_loss", "logit_scale"} <= set(rows[0])
+    assert (tmp_path / "best" / "model.safetensors").exists()
+
+
+def test_loss_falls_on_a_tiny_overfit_set(shapes_csv, tmp_path):
+    cfg = tiny_cfg(shapes_csv, "trainer.max_steps=40", "trainer.max_epochs=100", "data.split_fractions=[1.0,0.0,0.0]",
+                   "trainer.warmup_steps=1")
+    trainer = Trainer(cfg, tmp_path)
+    batch = next(trainer.batches.epoch(seed=0, epoch=0))
+    with torch.no_grad():
+        before = trainer.training_loss(batch).item()
+    trainer.fit()
+    with torch.no_grad():
+        after = trainer.training_loss(batch).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_cached_features_train_the_same_model(shapes_csv, tmp_path):
+    """Cached prefixes feed the same suffix: one step from the same state gives the same loss."""
+    cfg = tiny_cfg(shapes_csv, "trainer.cache_features=true", "trainer.max_steps=5")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    assert trainer.step == 5 and (tmp_path / "last" / "model.safetensors").exists()
+
+
+def test_resume_continues_from_saved_step_with_same_optimizer_state(shapes_csv, tmp_path):
+    first = Trainer(tiny_cfg(shapes_csv, "trainer.max_steps=3"), tmp_path / "a")
+    first.fit()
+    saved = torch.load(tmp_path / "a" / "last" / STATE_FILE, weights_only=True)
+    resumed = Trainer(tiny_cfg(shapes_csv, "trainer.max_steps=6", f"trainer.resume={tmp_path / 'a' / 'last'}"),
+                      tmp_path / "b")
+    assert resumed.step == 3 == saved["step"]
+    for group_state, saved_state in zip(resumed.optimizer.state_dict()["state"].values(), saved["optimizer"]["state"].values()):
+        torch.testing.assert_close(group_state["exp_avg"], saved_state["exp_avg"])
+    torch.testing.assert_close(resumed.model.logit_scale.detach(), first.model.logit_scale.detach())
+    resumed.fit()
+    assert resumed.step == 6
+
+
+def test_frozen_parameters_get_no_gradient_and_do_not_change(shapes_csv, tmp_path):
+    cfg = tiny_cfg(shapes_csv, "trainer.max_steps=3", "model.image.trainable_stages=1", "model.text.trainable_layers=1")
+    trainer = Trainer(cfg, tmp_path)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    frozen_bn = {n: b.clone() for n, b in trainer.model.image_encoder.stages[0].named_buffers()}
+    assert any(n.startswith("image_encoder.stages.0") for n in frozen)
+    assert any(n.startswith("text_encoder.stages.0") for n in frozen)
+    trainer.model.train()
+    loss = trainer.training_loss(next(trainer.batches.epoch(0, 0)))
+    loss.backward()
+    for name, param in trainer.model.named_parameters():
+        if name in frozen:
+            assert param.grad is None, name
+    assert trainer.model.image_head.linear.weight.grad is not None
+    trainer.optimizer.zero_grad()
+    trainer.fit()
+    for name, param in trainer.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param.detach(), frozen[name]), name
+    for name, buffer in trainer.model.image_encoder.stages[0].named_buffers():
+        assert torch.equal(buffer, frozen_bn[name]), f"batch-norm statistic {name} moved"
+
+
+def test_logit_scale_stays_clamped(shapes_csv, tmp_path):
+    cfg = tiny_cfg(shapes_csv, "trainer.max_steps=4", "optimizer.lr=10.0", "trainer.grad_clip_norm=null",
+                   "model.init_temperature=0.0101")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    assert 0.0 <= trainer.model.logit_scale.item() <= MAX_LOGIT_SCALE + 1e-6
+
+
+def test_corrupt_images_are_skipped_and_counted(shapes_csv, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = Path(shapes_csv).read_text().splitlines()
+    rows = [line.replace("images/", f"{Path(shapes_csv).parent}/images/") for line in lines[1:]]
+    (data / "broken.jpg").write_bytes(Path(shapes_csv).parent.joinpath(rows[1].split(",")[0]).read_bytes()[:200])
+    (data / "text.png").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(data / "ok.png")
+    extra = ["broken.jpg,a broken photo,x", "text.png,a text file,x", "ok.png,a black square,x"]
+    csv_path = data / "captions.csv"
+    csv_path.write_text("\n".join([lines[0], *rows, *extra]) + "\n")
+    cfg = tiny_cfg(csv_path, "trainer.max_steps=2", "data.split_fractions=[1.0,0.0,0.0]", "trainer.batch_size=4")
+    trainer = Trainer(cfg, tmp_path / "run")
+    for _ in trainer.batches.epoch(0, 0):
+        pass
+    assert len(trainer.failures) == 2
+    assert any("broken.jpg" in reason for reason in trainer.failures.reasons.values())
+    trainer.fit()
+    assert (tmp_path / "run" / "skipped_images.txt").read_text().count("\n") == 2
+
+
+def test_train_cli_runs_and_writes_run_folder(shapes_csv, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "experiment=tiny", f"data.csv={shapes_csv}", "trainer.max_steps=2",
+         f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "best" / "config.json").exists()
+
+
+def test_missing_data_gives_one_clear_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "experiment=tiny", f"data.csv={tmp_path / 'nope.csv'}",
+         f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "nope.csv" in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_tiny_model_builds_without_downloads():
+    model, tokenizer = build_model(OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny.yaml"))
+    assert len(tokenizer) > 1000 and model.embed_dim == 32

@@ -1,0 +1,123 @@
+"""Where training batches come from: cached frozen-prefix features, or images decoded live.
+
+Both sources yield `Batch`es holding the frozen prefixes' outputs, so the train step is the
+same either way: run the trainable suffixes and heads, then the loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from data.dataset import FailureLog, ImageCaptionDataset, collate_skipping_failures
+from data.records import Sample
+from data.transforms import tokenize, train_transform
+from training.features import DiskCache, autocast_for, image_prefixes, text_prefixes
+
+
+@dataclass
+class Batch:
+    image_prefix: object
+    text_prefix: object
+    captions: list[str]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Each epoch's order depends only on (seed, epoch), so a resumed run replays it exactly."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class CachedBatches:
+    """Image prefixes computed once (eval view); every caption phrasing's text prefix too."""
+
+    def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
+                 batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
+                 cache_dir: str | None = None):
+        paths = [s.image_path for s in samples]
+        disk = DiskCache(cache_dir)
+        key = disk.key(model.image_encoder, preprocessing, paths)
+        cached = disk.load(key)
+        if cached is None:
+            cached = image_prefixes(model, paths, preprocessing, device, use_bf16, 64, num_workers, failures,
+                                    desc="train image features")
+            disk.save(key, *cached)
+        else:
+            for path, ok in zip(paths, cached[1].tolist()):
+                if not ok:
+                    failures.add(path, f"unreadable (cached result): {path}")
+        images, ok = cached
+        keep = ok.nonzero().squeeze(1)
+        self.images = images[keep]
+        self.samples = [samples[i] for i in keep.tolist()]
+        phrasings = [s.captions + (s.aug_captions if caption_augmentation else ()) for s in self.samples]
+        texts = list(dict.fromkeys(t for p in phrasings for t in p))
+        row_of = {t: i for i, t in enumerate(texts)}
+        self.caption_rows = [[row_of[t] for t in p] for p in phrasings]
+        self.texts = texts
+        self.text = text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16,
+                                  desc="train text features")
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.samples) // self.batch_size
+
+    def epoch(self, seed: int, epoch: int, skip_batches: int = 0):
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(self.samples), generator=generator)
+        picks = torch.rand(len(self.samples), generator=generator)
+        for b in range(skip_batches, len(self)):
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            text_rows = torch.tensor([
+                self.caption_rows[i][int(picks[i] * len(self.caption_rows[i]))] for i in rows.tolist()
+            ])
+            yield Batch(
+                image_prefix=self.images[rows].to(self.device, torch.float32),
+                text_prefix=self.text.select(text_rows, self.device),
+                captions=[self.texts[i] for i in text_rows.tolist()],
+            )
+
+
+class StreamingBatches:
+    """Images decoded and augmented every epoch (random resized crop, flip); prefixes run live."""
+
+    def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
+                 batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog):
+        self.model, self.tokenizer, self.preprocessing = model, tokenizer, preprocessing
+        self.samples = samples
+        self.dataset = ImageCaptionDataset(samples, train_transform(preprocessing), preprocessing.image_size,
+                                           caption_augmentation)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.device, self.use_bf16, self.failures = device, use_bf16, failures
+
+    def __len__(self) -> int:
+        return len(self.samples) // self.batch_size
+
+    def epoch(self, seed: int, epoch: int, skip_batches: int = 0):
+        random.seed(seed * 100_003 + epoch)  # caption choice in the main process (num_workers=0)
+        sampler = RandomSampler(self.dataset, generator=epoch_generator(seed, epoch))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=self.num_workers, collate_fn=collate_skipping_failures,
+                            worker_init_fn=_seed_worker)
+        for number, batch in enumerate(loader):
+            for index, reason in batch["failed"]:
+                self.failures.add(self.samples[index].image_path, reason)
+            if number < skip_batches or batch["pixels"] is None or len(batch["index"]) < 2:
+                continue
+            tokens = tokenize(self.tokenizer, batch["captions"], self.preprocessing.max_tokens)
+            with torch.no_grad(), autocast_for(self.device, self.use_bf16):
+                image_prefix = self.model.image_encoder.forward_prefix(
+                    batch["pixels"].to(self.device, memory_format=torch.channels_last))
+                text_prefix = self.model.text_encoder.forward_prefix(
+                    tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            yield Batch(image_prefix, text_prefix, batch["captions"])
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+
+

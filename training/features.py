@@ -1,0 +1,141 @@
+"""Running the frozen prefixes of both encoders once, so training can reuse their output.
+
+With most of each backbone frozen, almost all of a training step's compute is the frozen
+prefix. Caching its output (one eval-transformed view per image, every caption phrasing)
+turns an epoch into a few hundred milliseconds of head/suffix training on CPU. The price is
+no image augmentation, which `trainer.cache_features=false` keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.dataset import FailureLog, ImageDataset, collate_skipping_failures
+from data.transforms import eval_transform, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@dataclass
+class TextPrefixes:
+    """Prefix outputs for a list of texts: pooled [M, H], or hidden [M, T, H] with mask [M, T]."""
+
+    values: torch.Tensor
+    mask: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor, device: torch.device):
+        if self.mask is None:
+            return self.values[rows].to(device, torch.float32)
+        mask = self.mask[rows]
+        length = int(mask.sum(1).max())  # trim padding shared by the whole batch
+        return self.values[rows, :length].to(device, torch.float32), mask[:, :length].to(device)
+
+
+@torch.no_grad()
+def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: bool, batch_size: int,
+                   num_workers: int, failures: FailureLog, desc: str = "image features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (prefixes [N, ...], ok [N] bool); unreadable images get ok=False and are logged."""
+    dataset = ImageDataset(paths, eval_transform(preprocessing), preprocessing.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skipping_failures, persistent_workers=False)
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    out = None
+    model.eval()
+    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+        for index, reason in batch["failed"]:
+            failures.add(paths[index], reason)
+        if batch["pixels"] is None:
+            continue
+        with autocast_for(device, use_bf16):
+            features = model.image_encoder.forward_prefix(
+                batch["pixels"].to(device, memory_format=torch.channels_last))
+        features = _storage(features)
+        if out is None:
+            out = torch.zeros((len(paths), *features.shape[1:]), dtype=features.dtype)
+        out[batch["index"]] = features.cpu()
+        ok[batch["index"]] = True
+    if out is None:
+        raise RuntimeError(f"none of the {len(paths)} images could be read")
+    return out, ok
+
+
+@torch.no_grad()
+def text_prefixes(model, tokenizer, texts: list[str], max_tokens: int, device, use_bf16: bool,
+                  batch_size: int = 256, desc: str = "text features") -> TextPrefixes:
+    model.eval()
+    values, masks = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        batch = tokenize(tokenizer, texts[start : start + batch_size], max_tokens)
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        # Pad every batch to max_tokens so the rows of all batches stack into one tensor.
+        pad = max_tokens - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, pad), value=tokenizer.pad_token_id or 0)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+        with autocast_for(device, use_bf16):
+            prefix = model.text_encoder.forward_prefix(ids, mask)
+        if isinstance(prefix, tuple):
+            values.append(_storage(prefix[0]).cpu())
+            masks.append(prefix[1].cpu())
+        else:
+            values.append(_storage(prefix).cpu())
+    return TextPrefixes(torch.cat(values), torch.cat(masks) if masks else None)
+
+
+def _storage(features: torch.Tensor) -> torch.Tensor:
+    """Pooled vectors stay float32; spatial maps / token states go to bf16 to halve memory."""
+    return features.float() if features.dim() == 2 else features.to(torch.bfloat16)
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    try:
+        stat = Path(path).stat()
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+class DiskCache:
+    """Image prefix tensors on disk, keyed by everything that determines them."""
+
+    def __init__(self, directory: str | None):
+        self.directory = Path(directory).expanduser() if directory else None
+
+    @staticmethod
+    def key(image_encoder, preprocessing, paths: list[str]) -> str:
+        """The frozen stages' weights, the preprocessing and the file list (with sizes/mtimes)."""
+        from training.checkpoint import model_id_of
+
+        frozen = image_encoder.stages[: image_encoder.num_frozen]
+        stats = [(p, *_size_mtime(p)) for p in paths]
+        payload = json.dumps([model_id_of(frozen.state_dict()), len(frozen), preprocessing.to_dict(), stats])
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def load(self, key: str):
+        if self.directory is None or not (self.directory / f"{key}.safetensors").exists():
+            return None
+        tensors = load_file(str(self.directory / f"{key}.safetensors"))
+        log.info("loaded cached image features %s", key)
+        return tensors["prefixes"], tensors["ok"].bool()
+
+    def save(self, key: str, prefixes: torch.Tensor, ok: torch.Tensor) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f"{key}.tmp"
+        save_file({"prefixes": prefixes.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp))
+        tmp.rename(self.directory / f"{key}.safetensors")

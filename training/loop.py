@@ -1,0 +1,229 @@
+"""The training loop: batches -> trainable suffixes + heads -> contrastive loss -> AdamW.
+
+A run folder holds: `.hydra/` (the resolved config), `metrics.csv` (one row per epoch),
+`last/` (checkpoint + optimizer/scheduler/RNG state, for resume) and `best/` (the
+checkpoint with the best validation metric).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from tqdm import tqdm
+
+from data.dataset import FailureLog
+from data.errors import DataUnavailableError
+from data.records import select_split
+from data.transforms import Preprocessing
+from training.batches import CachedBatches, StreamingBatches
+from training.checkpoint import bf16_is_fast, save_checkpoint
+from training.features import autocast_for
+from training.loss import contrastive_loss, same_caption_mask
+from training.model import build_model
+from training.optim import build_optimizer, warmup_cosine
+from training.validation import Validator
+
+log = logging.getLogger(__name__)
+STATE_FILE = "training_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def preprocessing_of(model_cfg) -> Preprocessing:
+    return Preprocessing(model_cfg.image.image_size, tuple(model_cfg.image.mean), tuple(model_cfg.image.std),
+                         model_cfg.text.max_tokens)
+
+
+def read_samples(data_cfg) -> list:
+    """Instantiate the configured reader, surfacing its own error instead of Hydra's wrapper."""
+    try:
+        return instantiate(data_cfg.reader)
+    except InstantiationException as error:
+        cause = error.__cause__ or error.__context__
+        raise cause if isinstance(cause, DataUnavailableError) else error
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: str | Path):
+        self.cfg, self.tcfg = cfg, cfg.trainer
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.device = pick_device(self.tcfg.device)
+        self.use_bf16 = bf16_is_fast(self.device) if self.tcfg.precision == "auto" else self.tcfg.precision == "bf16"
+        torch.set_num_threads(self.tcfg.num_threads or torch.get_num_threads())
+
+        self.model, self.tokenizer = build_model(cfg.model)
+        self.model.to(self.device)
+        self.preprocessing = preprocessing_of(cfg.model)
+        self.failures = FailureLog()
+        samples = read_samples(cfg.data)
+        fractions = tuple(cfg.data.split_fractions)
+        train_samples = select_split(samples, "train", fractions)
+        val_samples = select_split(samples, "val", fractions)
+        if cfg.data.get("max_samples"):
+            train_samples, val_samples = train_samples[: cfg.data.max_samples], val_samples[: cfg.data.max_samples]
+        log.info("%d train / %d val samples", len(train_samples), len(val_samples))
+
+        common = dict(model=self.model, tokenizer=self.tokenizer, preprocessing=self.preprocessing,
+                      device=self.device, use_bf16=self.use_bf16, num_workers=self.tcfg.num_workers,
+                      failures=self.failures)
+        if self.tcfg.cache_features:
+            self.batches = CachedBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
+                                         caption_augmentation=cfg.data.caption_augmentation,
+                                         cache_dir=self.tcfg.cache_dir, **common)
+        else:
+            self.batches = StreamingBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
+                                            caption_augmentation=cfg.data.caption_augmentation, **common)
+        if len(self.batches) == 0:
+            raise ValueError(f"{len(train_samples)} training samples do not fill one batch of {self.tcfg.batch_size}")
+        self.validator = Validator(samples=val_samples, **common) if val_samples else None
+
+        self.accumulate = self.tcfg.accumulate_grad_batches
+        self.steps_per_epoch = max(1, len(self.batches) // self.accumulate)
+        self.total_steps = self.tcfg.max_steps or self.steps_per_epoch * self.tcfg.max_epochs
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = warmup_cosine(self.optimizer, self.tcfg.warmup_steps, self.total_steps,
+                                       cfg.optimizer.min_lr_ratio)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_score = -math.inf
+        if self.tcfg.resume:
+            self.load_state(self.tcfg.resume)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        started = time.monotonic()
+        deadline = started + 60 * self.tcfg.max_minutes if self.tcfg.max_minutes else math.inf
+        last_metrics: dict = {}
+        while self.step < self.total_steps and time.monotonic() < deadline:
+            epoch = self.epoch
+            train_stats = self.train_epoch(deadline)
+            if self.batch_in_epoch == 0:
+                self.epoch += 1  # before saving, so a resume starts the next epoch
+            last_metrics = {"epoch": epoch, "step": self.step, **train_stats, **self.validate(),
+                            "elapsed_s": round(time.monotonic() - started, 1), "skipped_images": len(self.failures)}
+            self.append_metrics(last_metrics)
+            self.save(last_metrics)
+        if len(self.failures):
+            (self.run_dir / "skipped_images.txt").write_text("\n".join(self.failures.reasons.values()) + "\n")
+            log.warning("%d unreadable images were skipped; list in %s", len(self.failures),
+                        self.run_dir / "skipped_images.txt")
+        return last_metrics
+
+    def train_epoch(self, deadline: float) -> dict:
+        self.model.train()
+        total_batches = len(self.batches)
+        progress = tqdm(total=total_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
+                        unit="batch", dynamic_ncols=True)
+        loss_sum, seen, tick = 0.0, 0, time.monotonic()
+        for batch in self.batches.epoch(self.cfg.seed, self.epoch, skip_batches=self.batch_in_epoch):
+            loss = self.training_loss(batch)
+            (loss / self.accumulate).backward()
+            self.batch_in_epoch += 1
+            loss_sum, seen = loss_sum + loss.item() * len(batch.captions), seen + len(batch.captions)
+            if self.batch_in_epoch % self.accumulate == 0:
+                self.optimizer_step()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", scale=f"{self.model.logit_scale.exp().item():.1f}",
+                                 samples_s=f"{seen / max(1e-9, time.monotonic() - tick):.0f}")
+            if self.step >= self.total_steps or time.monotonic() >= deadline:
+                break
+        progress.close()
+        if self.batch_in_epoch >= total_batches - total_batches % self.accumulate:
+            self.batch_in_epoch = 0  # epoch finished
+        elapsed = time.monotonic() - tick
+        return {"train_loss": loss_sum / max(1, seen), "logit_scale": self.model.logit_scale.exp().item(),
+                "lr": self.scheduler.get_last_lr()[-1], "samples_per_s": seen / max(1e-9, elapsed)}
+
+    def training_loss(self, batch) -> torch.Tensor:
+        with autocast_for(self.device, self.use_bf16):
+            image_emb = self.model.embed_image_prefix(batch.image_prefix)
+            text_emb = self.model.embed_text_prefix(batch.text_prefix)
+        positives = same_caption_mask(batch.captions, self.device) if self.cfg.loss.shared_caption_positives else None
+        return contrastive_loss(image_emb, text_emb, self.model.logit_scale, positives)
+
+    def optimizer_step(self) -> None:
+        if self.tcfg.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.tcfg.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.clamp_logit_scale()
+        self.scheduler.step()
+        self.step += 1
+
+    def validate(self) -> dict:
+        if self.validator is None:
+            return {}
+        metrics = self.validator(self.model)
+        log.info("epoch %d step %d: %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    # --- outputs ----------------------------------------------------------------------------
+
+    def append_metrics(self, row: dict) -> None:
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def save(self, metrics: dict) -> None:
+        extra = {"step": self.step, "epoch": self.epoch, "data": str(self.cfg.data.reader.get("_target_"))}
+        save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self.cfg.model, self.preprocessing,
+                        metrics, extra)
+        torch.save(self.training_state(), self.run_dir / "last" / STATE_FILE)
+        score = metrics.get(self.tcfg.monitor)
+        if score is None and self.validator is None:
+            score = -metrics["train_loss"]  # no val split: fall back to the training loss
+        if score is not None and score > self.best_score:
+            self.best_score = score
+            save_checkpoint(self.run_dir / "best", self.model, self.tokenizer, self.cfg.model, self.preprocessing,
+                            metrics, extra)
+            log.info("new best %s = %.4f saved to %s", self.tcfg.monitor, score, self.run_dir / "best")
+
+    def training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best_score": self.best_score, "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, directory: str | Path) -> None:
+        """Resume: weights from the checkpoint, optimizer/scheduler/counters from its state file."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        state_file = directory / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"cannot resume: {state_file} not found (resume from a run's last/ folder)")
+        self.model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        state = torch.load(state_file, map_location="cpu", weights_only=True)  # tensors and plain types only
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_score = state["best_score"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at step %d (epoch %d)", directory, self.step, self.epoch)

@@ -1,0 +1,161 @@
+"""The dual encoder: two staged encoders, projection heads, a learnable temperature.
+
+`build_model(cfg)` builds it from the `model` config section. With `pretrained=False` only
+the architecture is built (used when a checkpoint's weights are loaded right after).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.encoders import ImageEncoder, TextEncoder
+from training.pretrained import (
+    WeightsUnavailableError,
+    efficientnet_lite0_state_dict,
+    load_bert,
+    minilm_tokenizer,
+    resnet50_state_dict,
+)
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ProjectionHead(nn.Module):
+    """Linear, or a two-layer MLP with a residual linear path (stable from step one)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.mlp = None
+        if hidden_dim:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(in_dim),
+                nn.Linear(in_dim, hidden_dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_dim, out_dim),
+            )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.linear(features)
+        return out if self.mlp is None else out + self.mlp(features)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, embed_dim: int,
+                 head_hidden_dim: int = 0, head_dropout: float = 0.0, init_temperature: float = 0.07):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_head = ProjectionHead(image_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
+        self.text_head = ProjectionHead(text_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.embed_dim = embed_dim
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embed_image_prefix(self.image_encoder.forward_prefix(pixels))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embed_text_prefix(self.text_encoder.forward_prefix(input_ids, attention_mask))
+
+    def embed_image_prefix(self, prefix) -> torch.Tensor:
+        """From the frozen prefix's output (possibly cached) to a unit-norm embedding."""
+        return F.normalize(self.image_head(self.image_encoder.forward_suffix(prefix)).float(), dim=-1)
+
+    def embed_text_prefix(self, prefix) -> torch.Tensor:
+        return F.normalize(self.text_head(self.text_encoder.forward_suffix(prefix)).float(), dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """In place, after each optimizer step: clamping inside forward would kill its gradient."""
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    def pretrained_parameters(self):
+        return [p for m in (self.image_encoder, self.text_encoder) for p in m.parameters() if p.requires_grad]
+
+    def new_parameters(self):
+        return [p for m in (self.image_head, self.text_head) for p in m.parameters()] + [self.logit_scale]
+
+
+# --- image encoders -------------------------------------------------------------------------
+
+def _resnet_stages(net) -> list[nn.Module]:
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    return [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
+    arch = cfg.arch
+    if arch == "resnet50":
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=None)
+        if pretrained:
+            net.load_state_dict(resnet50_state_dict(cfg.get("weights_path")))
+        return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages)
+    if arch == "tf_efficientnet_lite0":
+        import timm
+
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if pretrained:
+            net.load_state_dict(_map_by_order(efficientnet_lite0_state_dict(cfg.get("weights_path")), net.state_dict()))
+        stages = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
+        return ImageEncoder(stages, net.num_features, cfg.trainable_stages)
+    if arch == "tiny_resnet":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        if pretrained:
+            raise WeightsUnavailableError("the tiny recipe has no pretrained weights; set model.image.pretrained=false")
+        net = ResNet(BasicBlock, [1, 1, 1, 1], width_per_group=64)
+        return ImageEncoder(_resnet_stages(net), 512, cfg.trainable_stages)
+    raise ValueError(f"unknown image encoder arch {arch!r}")
+
+
+def _map_by_order(source: dict, target: dict) -> dict:
+    """Rename a state dict whose tensors come in the same order and shapes as the target's.
+
+    The packaged EfficientNet-Lite0 weights use EfficientNet-PyTorch names (`_blocks.3...`);
+    timm's `tf_efficientnet_lite0` holds the same tensors in the same order (same TF padding).
+    """
+    if len(source) != len(target) or any(s.shape != t.shape for s, t in zip(source.values(), target.values())):
+        raise WeightsUnavailableError("EfficientNet-Lite0 weights do not match the timm architecture")
+    return dict(zip(target.keys(), source.values()))
+
+
+# --- text encoders --------------------------------------------------------------------------
+
+def build_text_encoder(cfg, pretrained: bool, bert_config: dict | None = None):
+    """The encoder and its tokenizer. `bert_config` (from a checkpoint) builds the bare architecture."""
+    from transformers import BertConfig, BertModel
+
+    if bert_config is not None:
+        bert = BertModel(BertConfig.from_dict(bert_config), add_pooling_layer=False)
+        return TextEncoder(bert, cfg.trainable_layers, cfg.pooling), None
+    if cfg.arch == "bert":
+        if not pretrained:
+            raise ValueError("a bert text encoder without pretrained weights needs a checkpoint's config")
+        bert, tokenizer = load_bert(cfg.name_or_path)
+        return TextEncoder(bert, cfg.trainable_layers, cfg.pooling), tokenizer
+    if cfg.arch == "tiny_bert":
+        tokenizer = minilm_tokenizer()
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.hidden_size * 2,
+            max_position_embeddings=cfg.max_tokens,
+        )
+        return TextEncoder(BertModel(config, add_pooling_layer=False), cfg.trainable_layers, cfg.pooling), tokenizer
+    raise ValueError(f"unknown text encoder arch {cfg.arch!r}")
+
+
+def build_model(cfg, pretrained: bool = True, bert_config: dict | None = None):
+    """The DualEncoder and its tokenizer from the `model` config section."""
+    image_encoder = build_image_encoder(cfg.image, pretrained and cfg.image.pretrained)
+    text_encoder, tokenizer = build_text_encoder(cfg.text, pretrained and cfg.text.pretrained, bert_config)
+    model = DualEncoder(
+        image_encoder, text_encoder, cfg.embed_dim, cfg.head.hidden_dim, cfg.head.dropout, cfg.init_temperature
+    )
+    return model, tokenizer
