@@ -14,8 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-# PIL's own guard warns at ~89 MP and raises at twice that; we refuse anything above this.
-MAX_IMAGE_PIXELS = 178_956_970
+# PIL's decompression-bomb threshold (~89 MP). Larger files are refused rather than decoded:
+# one such PNG costs seconds and gigabytes, and a crafted one is a denial of service.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 class ImageLoadError(ValueError):

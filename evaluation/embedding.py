@@ -1,0 +1,64 @@
+"""Embedding an evaluation set with a loaded checkpoint: images (skipping unreadable ones) and texts.
+
+Images go through the checkpoint's own eval transform in a DataLoader (decoding in
+`num_workers` processes); an image that cannot be read is logged once, counted, and left
+out of the candidate pool instead of failing the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.dataset import FailureLog, ImageDataset, collate_skipping_failures
+
+
+@dataclass
+class ImageEmbeddings:
+    """Embeddings of the readable images of a path list, in input order."""
+
+    embeddings: torch.Tensor          # [N_ok, D] float32, unit norm
+    indices: list[int]                # position in the input list of each embedded row
+    failures: dict[str, str] = field(default_factory=dict)  # path -> reason, for the skipped ones
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def embed_image_paths(checkpoint, paths: list[str], batch_size: int = 64, num_workers: int = 2,
+                      progress: bool = True, desc: str = "embedding images") -> ImageEmbeddings:
+    """Embed every readable image of `paths` with `checkpoint` (a training.checkpoint.LoadedCheckpoint)."""
+    dataset = ImageDataset(list(paths), checkpoint.image_transform, checkpoint.preprocessing.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=collate_skipping_failures)
+    failures = FailureLog()
+    chunks: list[torch.Tensor] = []
+    indices: list[int] = []
+    with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            for index, reason in batch["failed"]:
+                failures.add(paths[index], reason)
+            if batch["pixels"] is not None:
+                chunks.append(checkpoint.embed_images(batch["pixels"]))
+                indices.extend(batch["index"].tolist())
+            bar.update(len(batch["index"]) + len(batch["failed"]))
+    dim = chunks[0].shape[1] if chunks else 0
+    embeddings = torch.cat(chunks) if chunks else torch.zeros(0, dim)
+    # DataLoader keeps batch order, but sort anyway so row i always matches indices[i] ascending.
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    return ImageEmbeddings(embeddings[order], [indices[i] for i in order], dict(failures.reasons))
+
+
+def embed_texts(checkpoint, texts: list[str], batch_size: int = 256, progress: bool = True,
+                desc: str = "embedding captions") -> torch.Tensor:
+    """[len(texts), D] float32 unit-norm text embeddings."""
+    chunks = []
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            chunks.append(checkpoint.embed_texts(batch))
+            bar.update(len(batch))
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
