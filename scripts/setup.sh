@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create the virtual environment at .venv with the pinned dependencies of pyproject.toml.
+#   bash scripts/setup.sh            # a real .venv in the checkout
+# With SMART_GALLERY_VENV_CACHE=/some/dir the environment is built once per hash of
+# pyproject.toml under that folder and .venv becomes a link to it (what CI does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+
+deps_hash=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -n "${SMART_GALLERY_VENV_CACHE:-}" ]; then
+  target="$SMART_GALLERY_VENV_CACHE/venv-$deps_hash"
+else
+  target=".venv"
+fi
+
+if [ -f "$target/.deps-$deps_hash" ]; then
+  echo "virtual environment up to date: $target"
+else
+  rm -rf "$target" "$target.partial"
+  build="$target"
+  [ "$target" != ".venv" ] && build="$target.partial"
+  "$PYTHON" -m venv "$build"
+  "$build/bin/pip" install --quiet --upgrade pip
+  # Dependencies only: the code runs from the checkout (python -m ...), so one cached
+  # environment serves every clone. torch/torchvision come from this machine's local disk.
+  "$build/bin/python" - <<'PY' > "$build/requirements.txt"
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+  "$build/bin/pip" install --quiet -r "$build/requirements.txt"
+  touch "$build/.deps-$deps_hash"
+  [ "$build" != "$target" ] && mv "$build" "$target"
+fi
+
+if [ "$target" != ".venv" ]; then
+  rm -rf .venv
+  ln -s "$target" .venv
+fi
