@@ -68,10 +68,22 @@ def test_loss_falls_on_a_tiny_overfit_set(shapes_csv, tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
-def test_cached_features_train_the_same_model(shapes_csv, tmp_path):
-    """Cached prefixes feed the same suffix: one step from the same state gives the same loss."""
-    cfg = tiny_cfg(shapes_csv, "trainer.cache_features=true", "trainer.max_steps=5")
+@pytest.mark.parametrize("views", [1, 3])
+def test_cached_prefixes_match_the_live_model(shapes_csv, tmp_path, views):
+    """The cached eval view is exactly what the frozen prefix computes on that image."""
+    from data.images import load_image
+    from data.transforms import eval_transform
+
+    cfg = tiny_cfg(shapes_csv, "trainer.cache_features=true", "trainer.max_steps=5", f"trainer.cache_views={views}")
     trainer = Trainer(cfg, tmp_path)
+    sample = trainer.batches.samples[0]
+    pixels = eval_transform(trainer.preprocessing)(load_image(sample.image_path, 32)).unsqueeze(0)
+    with torch.no_grad():
+        live = trainer.model.image_encoder.forward_prefix(pixels.contiguous(memory_format=torch.channels_last))
+    cached = trainer.batches.images[0, 0] if views > 1 else trainer.batches.images[0]
+    torch.testing.assert_close(cached.float(), live[0].float(), atol=2e-2, rtol=2e-2)  # cache stores bf16 maps
+    if views > 1:
+        assert not torch.equal(trainer.batches.images[0, 1], trainer.batches.images[0, 0])  # augmented view differs
     trainer.fit()
     assert trainer.step == 5 and (tmp_path / "last" / "model.safetensors").exists()
 

@@ -35,14 +35,15 @@ class CachedBatches:
 
     def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
                  batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, views: int = 1):
         paths = [s.image_path for s in samples]
         disk = DiskCache(cache_dir)
-        key = disk.key(model.image_encoder, preprocessing, paths)
+        key = disk.key(model.image_encoder, preprocessing, paths, views)
         cached = disk.load(key)
         if cached is None:
-            cached = image_prefixes(model, paths, preprocessing, device, use_bf16, 64, num_workers, failures,
-                                    desc="train image features")
+            torch.manual_seed(views)  # the augmented views are the same in every run
+            cached = image_prefixes(model, paths, preprocessing, device, use_bf16, 64 // views or 1, num_workers,
+                                    failures, desc="train image features", views=views)
             disk.save(key, *cached)
         else:
             for path, ok in zip(paths, cached[1].tolist()):
@@ -59,8 +60,7 @@ class CachedBatches:
         self.texts = texts
         self.text = text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16,
                                   desc="train text features")
-        self.batch_size = batch_size
-        self.device = device
+        self.batch_size, self.device, self.views = batch_size, device, views
 
     def __len__(self) -> int:
         return len(self.samples) // self.batch_size
@@ -69,16 +69,22 @@ class CachedBatches:
         generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(self.samples), generator=generator)
         picks = torch.rand(len(self.samples), generator=generator)
+        view_of = torch.randint(self.views, (len(self.samples),), generator=generator)
         for b in range(skip_batches, len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             text_rows = torch.tensor([
                 self.caption_rows[i][int(picks[i] * len(self.caption_rows[i]))] for i in rows.tolist()
             ])
             yield Batch(
-                image_prefix=self.images[rows].to(self.device, torch.float32),
+                image_prefix=self._images(rows, view_of[rows]),
                 text_prefix=self.text.select(text_rows, self.device),
                 captions=[self.texts[i] for i in text_rows.tolist()],
             )
+
+
+    def _images(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        images = self.images[rows, views] if self.views > 1 else self.images[rows]
+        return images.to(self.device, torch.float32)
 
 
 class StreamingBatches:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import FailureLog, ImageDataset, collate_skipping_failures
-from data.transforms import eval_transform, tokenize
+from data.transforms import eval_transform, tokenize, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,15 @@ class TextPrefixes:
 
 @torch.no_grad()
 def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: bool, batch_size: int,
-                   num_workers: int, failures: FailureLog, desc: str = "image features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (prefixes [N, ...], ok [N] bool); unreadable images get ok=False and are logged."""
-    dataset = ImageDataset(paths, eval_transform(preprocessing), preprocessing.image_size)
+                   num_workers: int, failures: FailureLog, desc: str = "image features",
+                   views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (prefixes [N, ...], ok [N] bool); unreadable images get ok=False and are logged.
+
+    With `views` > 1 each image is decoded once and yields the eval view plus `views - 1`
+    augmented views (random resized crop, flip): prefixes are then [N, views, ...].
+    """
+    transform = eval_transform(preprocessing) if views == 1 else MultiView(preprocessing, views)
+    dataset = ImageDataset(paths, transform, preprocessing.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_skipping_failures, persistent_workers=False)
     ok = torch.zeros(len(paths), dtype=torch.bool)
@@ -60,10 +66,12 @@ def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: boo
             failures.add(paths[index], reason)
         if batch["pixels"] is None:
             continue
+        pixels = batch["pixels"].flatten(0, 1) if views > 1 else batch["pixels"]
         with autocast_for(device, use_bf16):
-            features = model.image_encoder.forward_prefix(
-                batch["pixels"].to(device, memory_format=torch.channels_last))
+            features = model.image_encoder.forward_prefix(pixels.to(device, memory_format=torch.channels_last))
         features = _storage(features)
+        if views > 1:
+            features = features.unflatten(0, (-1, views))
         if out is None:
             out = torch.zeros((len(paths), *features.shape[1:]), dtype=features.dtype)
         out[batch["index"]] = features.cpu()
@@ -71,6 +79,16 @@ def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: boo
     if out is None:
         raise RuntimeError(f"none of the {len(paths)} images could be read")
     return out, ok
+
+
+class MultiView:
+    """The eval view followed by augmented training views of one decoded image."""
+
+    def __init__(self, preprocessing, views: int):
+        self.eval_view, self.train_view, self.views = eval_transform(preprocessing), train_transform(preprocessing), views
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.eval_view(image)] + [self.train_view(image) for _ in range(self.views - 1)])
 
 
 @torch.no_grad()
@@ -116,13 +134,13 @@ class DiskCache:
         self.directory = Path(directory).expanduser() if directory else None
 
     @staticmethod
-    def key(image_encoder, preprocessing, paths: list[str]) -> str:
+    def key(image_encoder, preprocessing, paths: list[str], views: int = 1) -> str:
         """The frozen stages' weights, the preprocessing and the file list (with sizes/mtimes)."""
         from training.checkpoint import model_id_of
 
         frozen = image_encoder.stages[: image_encoder.num_frozen]
         stats = [(p, *_size_mtime(p)) for p in paths]
-        payload = json.dumps([model_id_of(frozen.state_dict()), len(frozen), preprocessing.to_dict(), stats])
+        payload = json.dumps([model_id_of(frozen.state_dict()), len(frozen), preprocessing.to_dict(), stats, views])
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def load(self, key: str):

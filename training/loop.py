@@ -90,7 +90,7 @@ class Trainer:
         if self.tcfg.cache_features:
             self.batches = CachedBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
                                          caption_augmentation=cfg.data.caption_augmentation,
-                                         cache_dir=self.tcfg.cache_dir, **common)
+                                         cache_dir=self.tcfg.cache_dir, views=self.tcfg.cache_views, **common)
         else:
             self.batches = StreamingBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
                                             caption_augmentation=cfg.data.caption_augmentation, **common)
