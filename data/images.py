@@ -20,7 +20,12 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 class ImageLoadError(ValueError):
-    """An image that cannot be used, with the reason (corrupt, not an image, too large...)."""
+    """An image that cannot be used, with the reason. `kind` is one of: missing, not_a_file,
+    too_large, not_an_image, corrupt (callers map it to their own errors, e.g. HTTP codes)."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def load_image(path: str | Path, min_size: int = 224, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -31,18 +36,19 @@ def load_image(path: str | Path, min_size: int = 224, max_pixels: int = MAX_IMAG
     """
     path = Path(path)
     if not path.exists():
-        raise ImageLoadError(f"no such file: {path}")
+        raise ImageLoadError(f"no such file: {path}", "missing")
     if not path.is_file():
-        raise ImageLoadError(f"not a regular file: {path}")
+        raise ImageLoadError(f"not a regular file: {path}", "not_a_file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The size is checked against `max_pixels` below, from the header, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageLoadError(
                         f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP "
-                        f"(limit {max_pixels / 1e6:.0f} MP): {path}"
+                        f"(limit {max_pixels / 1e6:.0f} MP): {path}", "too_large"
                     )
                 if image.format == "JPEG":
                     image.draft("RGB", _draft_size(image.size, min_size))
@@ -52,9 +58,9 @@ def load_image(path: str | Path, min_size: int = 224, max_pixels: int = MAX_IMAG
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(f"not an image (unrecognised format): {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageLoadError(f"image too large (decompression bomb guard): {path}: {error}") from None
+        raise ImageLoadError(f"not an image (unrecognised format): {path}", "not_an_image") from None
+    except Image.DecompressionBombError as error:  # PIL's own hard limit, hit inside open()
+        raise ImageLoadError(f"image too large (decompression bomb guard): {path}: {error}", "too_large") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated/corrupt data surface as these
         raise ImageLoadError(f"corrupt or truncated image: {path}: {error}") from None
 

@@ -176,7 +176,7 @@ class Trainer:
         if self.validator is None:
             return {}
         metrics = self.validator(self.model)
-        log.info("epoch %d step %d: %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
+        log.info("step %d: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
     # --- outputs ----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def read_openclipart(
     max_keywords: int = 5,
     collection_min_count: int = 20,
     dedupe_symlinks: bool = True,
+    caption_style: str = "clean",
 ) -> list[Sample]:
     """One Sample per real PNG, captioned from its SVG's metadata.
 
@@ -91,7 +92,13 @@ def read_openclipart(
     file-stem words), deterministic per image. `group` is the top-level category folder.
     image_id is the PNG path relative to `<root>/png`. Counts go into `report` (if given)
     and the log at INFO. Nothing is cached on disk; the full set takes about 2 s.
+
+    `caption_style="raw"` skips all cleaning: caption = the SVG title as written (else its
+    keywords). It exists to reproduce measurements made on the uncleaned metadata, where
+    collection names shared by hundreds of images make many queries trivially easy.
     """
+    if caption_style not in ("clean", "raw"):
+        raise ValueError(f"caption_style must be 'clean' or 'raw', got {caption_style!r}")
     root = os.path.realpath(os.path.expanduser(os.fspath(root)))
     png_root, svg_root = os.path.join(root, "png"), os.path.join(root, "svg")
     if not (os.path.isdir(png_root) and os.path.isdir(svg_root)):
@@ -151,6 +158,12 @@ def read_openclipart(
     samples: list[Sample] = []
     for rel, meta, ctoks, kws in zip(rels, metas, creator_toks, kw_lists):
         stem = os.path.basename(rel)[:-4]
+        if caption_style == "raw":
+            raw = meta.title.strip() or ", ".join(meta.keywords[:max_keywords])
+            if raw:
+                samples.append(Sample(image_id=rel, image_path=os.path.join(png_root, rel), captions=(raw,),
+                                      group=rel.split(os.sep, 1)[0] if os.sep in rel else None))
+            continue
         title, why = ct.clean_title(meta.title, ctoks, known_creators,
                                     title_counts[ct.norm_key(meta.title)], collection_min_count)
         if title is None:

@@ -1,0 +1,13 @@
+"""Smart Gallery serving: the LitServe API over an embedded ChromaDB gallery store.
+
+    config.py     settings (from configs/serve.yaml) and the rules that refuse unsafe ones
+    schemas.py    pydantic request/response models (what /docs shows)
+    paths.py      the allowed-roots policy (resolved paths; `..` and symlinks cannot escape)
+    store.py      GalleryStore: one Chroma collection per user, user registry, store lock
+    embedder.py   the checkpoint as an embedder, with query micro-batching
+    ingest.py     walk, hash, decode+embed pipeline, dedup rules
+    gallery.py    every API operation as a method (model-id checks, re-index)
+    api.py        GallerySpec + GalleryAPI: all routes feeding one store-owning LitServe worker
+    __main__.py   `python -m serving checkpoint=...`
+    reindex.py    `python -m serving.reindex checkpoint=...`
+"""

@@ -1,0 +1,351 @@
+"""The HTTP side: a LitSpec that registers every gallery endpoint and feeds ONE LitAPI worker.
+
+Why one worker behind a spec
+----------------------------
+LitServe runs each LitAPI in its own worker process, and an embedded Chroma store must be
+owned by exactly one process: a process that has loaded a collection's index does not see
+vectors another process adds later (DESIGN.md), so "search right after add" would break as
+soon as two processes held the store. Separate LitAPIs per endpoint (each with its own worker
+and its own Chroma client) would have exactly that problem.
+
+So `GallerySpec` (the mechanism behind LitServe's OpenAI spec) registers all the routes with
+typed pydantic bodies; each route puts `{"op", "args"}` on the single request queue and awaits
+the answer. `GalleryAPI` runs in the one inference worker (`workers_per_device=1`, one device):
+`setup` opens the store and loads the checkpoint, `decode_request` checks the envelope,
+`predict` runs the operation, `encode_response` returns the dict the route turns into its
+response model. With `enable_async=True` the worker runs each request as a task whose blocking
+work goes to a thread pool, so searches are answered while a long add-folder is running, and
+all of them see the same Chroma client: consistent by construction. Writes to one user's
+collection are serialised by a lock in the store; reads take none.
+
+The HTTP processes (`num_api_servers`, 1 by default on a small machine) only parse, check the
+API key and body size, and forward; they never open the store. Scaling past one machine would
+mean Chroma's client/server mode instead of the embedded store.
+"""
+
+import asyncio
+import faulthandler
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import litserve as ls
+from fastapi import HTTPException, Path, Query, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from litserve.callbacks.base import EventTypes
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+from serving.config import ServeSettings
+from serving.schemas import (
+    MAX_LIST_LIMIT,
+    AddFolderRequest,
+    AddFolderResponse,
+    AddImageRequest,
+    AddImageResponse,
+    DeleteImageResponse,
+    GalleryInfoResponse,
+    InitializeRequest,
+    InitializeResponse,
+    ListImagesResponse,
+    ReindexResponse,
+    SearchRequest,
+    SearchResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+QUEUE_KEY = "/_gallery"  # the spec's request-queue key; no route is registered at this path
+USER_ID = Query(min_length=1, max_length=128, description="The id /db/initialize returned.")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key, if it has one.")
+_bearer = HTTPBearer(auto_error=False, description="The server's API key as a bearer token, if it has one.")
+
+
+class GallerySpec(LitSpec):
+    """Registers the gallery routes; every route feeds the one `GalleryAPI` worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.api_path = QUEUE_KEY
+
+    def pre_setup(self, lit_api: "ls.LitAPI"):
+        for path, endpoint, methods in (
+            ("/db/initialize", self.initialize, ["POST"]),
+            ("/db/info", self.info, ["GET"]),
+            ("/db/reindex", self.reindex, ["POST"]),
+            ("/images/add", self.add_image, ["POST"]),
+            ("/images/add-folder", self.add_folder, ["POST"]),
+            ("/images/search", self.search, ["POST"]),
+            ("/images", self.list_images, ["GET"]),
+            ("/images/{image_id}", self.delete_image, ["DELETE"]),
+        ):
+            self.add_endpoint(path, endpoint, methods)
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    async def _call(self, op: str, **args) -> dict:
+        """Send one operation to the worker and wait for its answer."""
+        uid = uuid.uuid4().hex
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event)  # registered before it can be answered
+        try:
+            if self._server is not None:
+                self._server._callback_runner.trigger_event(
+                    EventTypes.ON_REQUEST.value, active_requests=self._server.active_requests, litserver=self._server
+                )
+            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"op": op, "args": args}))
+            await event.wait()
+            response, status = self.response_buffer[uid].response
+        finally:
+            self.response_buffer.pop(uid, None)
+        if status == LitAPIStatus.ERROR:
+            if isinstance(response, HTTPException):
+                raise response
+            logger.error("gallery operation %s failed: %r", op, response)
+            raise HTTPException(500, "internal error in the gallery worker; see the server log")
+        return response
+
+    async def initialize(self, body: InitializeRequest) -> InitializeResponse:
+        """Create a gallery (or find the existing one with this name) and return its user_id.
+
+        The user_id is random (uuid4); the name is not a secret: initializing an existing name
+        returns its user_id again. Use the API key to control who may call the server at all."""
+        return InitializeResponse(**await self._call("initialize", user_name=body.user_name))
+
+    async def info(self, user_id: str = USER_ID) -> GalleryInfoResponse:
+        """The gallery's name, size and model id (and whether it needs a re-index)."""
+        return GalleryInfoResponse(**await self._call("info", user_id=user_id))
+
+    async def reindex(self, user_id: str = USER_ID, force: bool = Query(False, description="Re-embed even if the model matches.")) -> ReindexResponse:
+        """Re-embed every stored image with the server's model (after a model change).
+
+        Fills a new collection from the stored paths and switches to it at the end, so a failure
+        leaves the old one intact. Files that can no longer be read are listed and dropped."""
+        return ReindexResponse(**await self._call("reindex", user_id=user_id, force=force))
+
+    async def add_image(self, body: AddImageRequest, user_id: str = USER_ID) -> AddImageResponse:
+        """Add one image file (a no-op if unchanged; not stored if identical to a stored image).
+
+        Errors: 400 relative path or not a regular file, 403 outside the allowed roots,
+        404 missing file or unknown user_id, 409 gallery embedded by another model,
+        413 image too large (decompression-bomb guard), 415 not an image, 422 corrupt/truncated."""
+        return AddImageResponse(**await self._call("add_image", user_id=user_id, image_path=body.image_path))
+
+    async def add_folder(self, body: AddFolderRequest, user_id: str = USER_ID) -> AddFolderResponse:
+        """Add every image under a folder, sub-folders included (jpg, jpeg, png, webp, bmp, gif, tif, tiff).
+
+        Files that fail are listed with their reason and status while the rest are added.
+        Errors: 400 not a folder, 403 outside the allowed roots, 404 missing folder or unknown
+        user_id, 409 gallery embedded by another model."""
+        return AddFolderResponse(**await self._call("add_folder", user_id=user_id, folder_path=body.folder_path))
+
+    async def search(self, body: SearchRequest, user_id: str = USER_ID) -> SearchResponse:
+        """Images ranked by cosine similarity to a text query (top_k <= 100, offset paging,
+        optional min_score and folder filter). Errors: 404 unknown user_id, 409 gallery embedded
+        by another model (re-index it), 422 invalid parameters."""
+        return SearchResponse(**await self._call("search", user_id=user_id, **body.model_dump()))
+
+    async def list_images(self, user_id: str = USER_ID, offset: int = Query(0, ge=0),
+                          limit: int = Query(100, ge=1, le=MAX_LIST_LIMIT)) -> ListImagesResponse:
+        """The stored images, paged."""
+        return ListImagesResponse(**await self._call("list_images", user_id=user_id, offset=offset, limit=limit))
+
+    async def delete_image(self, image_id: str = Path(min_length=1, max_length=64), user_id: str = USER_ID
+                           ) -> DeleteImageResponse:
+        """Remove one image from the gallery (the file is not touched)."""
+        return DeleteImageResponse(**await self._call("delete_image", user_id=user_id, image_id=image_id))
+
+
+class GalleryAPI(ls.LitAPI):
+    """The one worker that owns the store and the model (see the module docstring)."""
+
+    def __init__(self, settings: ServeSettings, executor_threads: int = 8):
+        super().__init__(spec=GallerySpec(), enable_async=True, max_batch_size=1)
+        self.settings = settings
+        self.api_key = settings.api_key
+        self.executor_threads = executor_threads
+        self.healthcheck_path = "/health"
+        self.gallery = None
+
+    # ------------------------------------------------ HTTP process side (LitServe calls it per request)
+
+    def authorize(self, request: Request, x_api_key: Optional[str] = Security(_api_key_header),
+                  bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer)):
+        if not self.api_key or request.url.path == self.healthcheck_path:
+            return
+        supplied = x_api_key or (bearer.credentials if bearer else None)
+        if not supplied or not secrets.compare_digest(supplied.encode(), str(self.api_key).encode()):
+            raise HTTPException(
+                401, "missing or wrong API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    # ------------------------------------------------ worker process side
+
+    def setup(self, device):
+        from serving.gallery import Gallery
+
+        logging.basicConfig(level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.stop = threading.Event()
+        self._busy = _Busy()
+        _install_worker_signals(self.stop, self._busy)
+        settings = self.settings
+        if settings.device == "auto":
+            settings = ServeSettings.from_mapping({**settings.to_dict(), "device": str(device)})
+        self._executor = ThreadPoolExecutor(self.executor_threads, thread_name_prefix="gallery")
+        self.gallery = Gallery.open(settings, stop=self.stop)
+        logger.info("gallery worker ready: model %s, store %s", self.gallery.model_id, settings.db_dir)
+
+    async def decode_request(self, request, **kwargs):
+        if not isinstance(request, dict) or "op" not in request:
+            raise HTTPException(400, "malformed gallery request")
+        return request
+
+    async def predict(self, request, **kwargs):
+        from serving.errors import GalleryError
+        from serving.ingest import IngestCancelled
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._dispatch, request)
+        except GalleryError as error:
+            raise HTTPException(error.status_code, error.detail) from None
+        except IngestCancelled as error:
+            raise HTTPException(503, str(error)) from None
+
+    async def encode_response(self, output, **kwargs):
+        return output
+
+    def _dispatch(self, request: dict) -> dict:
+        with self._busy:
+            return self.gallery.dispatch(request)
+
+
+def _install_worker_signals(stop: threading.Event, idle: "_Busy", grace_s: float = 4.0) -> None:
+    """SIGTERM: stop ingest loops between batches, let running operations end (<= grace_s), exit.
+
+    The exit is `os._exit`: LitServe's async loop leaves a thread blocked for ever on the
+    request queue, which a normal interpreter exit would wait for. Nothing is lost by it: every
+    store write is a committed transaction, and the store lock is released by the kernel.
+    Also exits if the server process dies (so the worker is never orphaned), and dumps all
+    thread stacks on SIGUSR1 for diagnosis.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    parent = os.getppid()
+
+    def exit_when_idle():
+        idle.wait_idle(grace_s)
+        logging.shutdown()
+        os._exit(0)
+
+    def on_term(signum, frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=exit_when_idle, name="worker-exit", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def watch_parent():
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                logger.warning("the server process is gone; the gallery worker exits")
+                on_term(signal.SIGTERM, None)
+                return
+
+    threading.Thread(target=watch_parent, name="parent-watchdog", daemon=True).start()
+
+
+class _Busy:
+    """Counts operations in flight, so shutdown can wait for them."""
+
+    def __init__(self):
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self):
+        with self._cond:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
+class BodySizeLimit:
+    """Answer 413 to request bodies over `max_bytes` (by Content-Length, or while streaming)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> str:
+        return f"request body too large (limit {self.max_bytes} bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse({"detail": self._too_large()}, status_code=413)(scope, receive, send)
+        total = 0
+
+        async def limited_receive():
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise HTTPException(413, self._too_large())  # FastAPI turns it into the 413 response
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def build_server(settings: ServeSettings) -> ls.LitServer:
+    """A LitServer with exactly one gallery worker (the store owner)."""
+    api = GalleryAPI(settings)
+    accelerator = "cuda" if _cuda_wanted(settings) else "cpu"
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=1,  # one store owner; never more
+        timeout=settings.timeout,
+        fast_queue=settings.fast_queue,
+        middlewares=[(BodySizeLimit, {"max_bytes": settings.max_body_bytes})],
+        model_metadata={"app": "smart-gallery", "checkpoint": str(settings.checkpoint)},
+    )
+    server.uvicorn_graceful_timeout = settings.graceful_shutdown_s
+    return server
+
+
+def _cuda_wanted(settings: ServeSettings) -> bool:
+    if settings.device.startswith("cuda"):
+        return True
+    if settings.device != "auto" or not os.path.exists("/proc/driver/nvidia/version"):
+        return False  # no NVIDIA driver: skip importing torch in the HTTP process
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

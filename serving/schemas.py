@@ -1,0 +1,154 @@
+"""Request and response models of the gallery API (they are what `/docs` shows).
+
+The four original request bodies are kept exactly: `{"user_name"}`, `{"image_path"}`,
+`{"folder_path"}`, `{"query"}`; everything added to them is optional.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 100
+MAX_OFFSET = 1000
+MAX_LIST_LIMIT = 1000
+MAX_PATH_CHARS = 4096
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- requests
+
+
+class InitializeRequest(_Request):
+    user_name: str = Field(min_length=1, max_length=128, description="A name for the gallery (not secret).",
+                           examples=["my_gallery"])
+
+
+class AddImageRequest(_Request):
+    image_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS, description="Absolute path on the server.",
+                            examples=["/home/me/Pictures/beach.jpg"])
+
+
+class AddFolderRequest(_Request):
+    folder_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
+                             description="Absolute folder path on the server; sub-folders are included.",
+                             examples=["/home/me/Pictures"])
+
+
+class SearchRequest(_Request):
+    query: str = Field(min_length=1, max_length=1000, examples=["a person walking on the beach at sunset"])
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="Results per page.")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Results to skip (paging).")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results with a lower cosine score.")
+    folder: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS,
+                               description="Only images under this absolute folder (any depth).")
+
+
+# ---------------------------------------------------------------- responses
+
+
+class InitializeResponse(BaseModel):
+    user_id: str = Field(description="Pass as ?user_id= on every other request.")
+    user_name: str
+    created: bool = Field(description="False when a gallery with this name already existed.")
+    model_id: str = Field(description="Model whose embeddings the gallery holds.")
+    server_model_id: str
+    needs_reindex: bool = Field(description="True when the gallery was embedded by another model: POST /db/reindex.")
+    images: int
+
+
+class ImageRef(BaseModel):
+    id: str
+    path: str
+
+
+class AddImageResponse(BaseModel):
+    status: Literal["added", "updated", "unchanged", "duplicate"]
+    id: str
+    path: str
+    duplicate_of: ImageRef | None = Field(None, description="The stored image with identical content (not stored twice).")
+
+
+class DuplicateFile(BaseModel):
+    path: str
+    duplicate_of: str
+    duplicate_of_id: str
+
+
+class FailedFile(BaseModel):
+    path: str
+    reason: str
+    status: int = Field(description="The HTTP status this failure would have on /images/add.")
+
+
+class AddFolderResponse(BaseModel):
+    added: int
+    updated: int = Field(description="Files whose content changed since they were added: re-embedded.")
+    unchanged: int
+    duplicates: int = Field(description="Files identical to a stored image at another path: not stored.")
+    failed: int
+    ignored: int = Field(description="Files without an image extension.")
+    duplicate_files: list[DuplicateFile]
+    failed_files: list[FailedFile]
+    seconds: float
+    images_per_second: float
+
+
+class SearchResult(BaseModel):
+    rank: int = Field(description="1-based, counting from the first result of the first page.")
+    id: str
+    path: str
+    score: float = Field(description="Cosine similarity, -1..1 (1 - Chroma's cosine distance).")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    results: list[SearchResult]
+    top_k: int
+    offset: int
+    total_images: int
+    model_id: str
+
+
+class ImageInfo(BaseModel):
+    id: str
+    path: str
+    size: int
+    sha256: str
+    added_at: float
+
+
+class ListImagesResponse(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    images: list[ImageInfo]
+
+
+class DeleteImageResponse(BaseModel):
+    deleted: ImageRef
+
+
+class ReindexResponse(BaseModel):
+    user_id: str
+    model_id: str
+    previous_model_id: str
+    reindexed: int
+    failed: int
+    failed_files: list[FailedFile]
+    skipped: bool = Field(description="True when the gallery already matched the server's model (use force=true).")
+    seconds: float
+
+
+class GalleryInfoResponse(BaseModel):
+    user_id: str
+    user_name: str
+    model_id: str
+    server_model_id: str
+    needs_reindex: bool
+    images: int

@@ -1,0 +1,189 @@
+"""The HTTP API in-process (LitServe's `wrap_litserve_start` + FastAPI's TestClient), with a
+real gallery worker process, real ChromaDB and real files; this server has allowed roots and
+an API key, so every safety rule is exercised here."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from litserve.utils import wrap_litserve_start
+
+from serving.api import build_server
+from serving.config import ServeSettings
+from tests.serving_fixtures import tiny_checkpoint, write_bomb_png, write_image, write_truncated_jpeg
+
+API_KEY = "test-key-0123456789abcdef"
+AUTH = {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("http")
+    root, outside = base / "root", base / "outside"
+    for index in range(6):
+        write_image(root / "album" / f"a{index}.jpg", index)
+    for index in range(3):
+        write_image(root / "album" / "nested" / f"n{index}.png", 100 + index)
+    write_image(outside / "secret.jpg", 999)
+    (root / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (root / "folder.jpg").mkdir()
+    (root / "notes.txt").write_text("hello")
+    (root / "fake.jpg").write_text("not a jpeg")
+    write_truncated_jpeg(root / "truncated.jpg")
+    write_bomb_png(root / "bomb.png")
+    checkpoint, model_id = tiny_checkpoint(1)
+    settings = ServeSettings.from_mapping({
+        "checkpoint": str(checkpoint), "db_path": str(base / "db"), "allowed_roots": [str(root)],
+        "api_key": API_KEY, "max_body_bytes": 4096, "log_level": "warning",
+    })
+    settings.validate()
+    server = build_server(settings)
+    with wrap_litserve_start(server) as server, TestClient(server.app) as client:
+        deadline = time.monotonic() + 90
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "worker did not become ready"
+            time.sleep(0.2)
+        yield {"client": client, "root": root, "outside": outside, "model_id": model_id}
+
+
+def post(client, path, body, headers=AUTH, **params):
+    return client.post(path, params=params, json=body, headers=headers)
+
+
+def new_user(client, name) -> str:
+    response = post(client, "/db/initialize", {"user_name": name})
+    assert response.status_code == 200, response.text
+    return response.json()["user_id"]
+
+
+def snapshot(client, uid):
+    listing = client.get("/images", params={"user_id": uid, "limit": 1000}, headers=AUTH).json()
+    return listing["total"], sorted((img["id"], img["path"], img["sha256"]) for img in listing["images"])
+
+
+def test_health_docs_and_openapi(env):
+    client = env["client"]
+    assert client.get("/health").status_code == 200  # no key needed for the health probe
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    for path, method in [("/db/initialize", "post"), ("/db/reindex", "post"), ("/db/info", "get"),
+                         ("/images/add", "post"), ("/images/add-folder", "post"), ("/images/search", "post"),
+                         ("/images", "get"), ("/images/{image_id}", "delete")]:
+        assert method in spec["paths"][path], path
+    schemas = spec["components"]["schemas"]
+    for name in ("InitializeRequest", "AddImageRequest", "AddFolderRequest", "SearchRequest", "SearchResponse",
+                 "AddFolderResponse", "AddImageResponse", "ListImagesResponse", "ReindexResponse"):
+        assert name in schemas, name
+    assert schemas["SearchRequest"]["properties"]["top_k"]["maximum"] == 100
+    search = spec["paths"]["/images/search"]["post"]
+    assert search["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("SearchResponse")
+
+
+def test_api_key_is_required(env):
+    client = env["client"]
+    body = {"user_name": "keyed"}
+    assert post(client, "/db/initialize", body, headers={}).status_code == 401
+    wrong = post(client, "/db/initialize", body, headers={"X-API-Key": "wrong-key-wrong-key"})
+    assert wrong.status_code == 401 and "API key" in wrong.json()["detail"]
+    assert post(client, "/db/initialize", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert post(client, "/db/initialize", body, headers=AUTH).status_code == 200
+    assert post(client, "/db/initialize", body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+def test_add_search_list_delete(env):
+    client, root = env["client"], env["root"]
+    uid = new_user(client, "main")
+    empty = post(client, "/images/search", {"query": "a cat"}, user_id=uid)
+    assert empty.status_code == 200 and empty.json()["results"] == []
+
+    single = post(client, "/images/add", {"image_path": str(root / "album" / "a0.jpg")}, user_id=uid)
+    assert single.status_code == 200 and single.json()["status"] == "added", single.text
+    found = post(client, "/images/search", {"query": "anything", "top_k": 5}, user_id=uid).json()
+    assert [r["path"] for r in found["results"]] == [str(root / "album" / "a0.jpg")]
+
+    folder = post(client, "/images/add-folder", {"folder_path": str(root / "album")}, user_id=uid).json()
+    assert (folder["added"], folder["unchanged"], folder["failed"]) == (8, 1, 0)
+    result = post(client, "/images/search", {"query": "a blue sky", "top_k": 4, "offset": 2}, user_id=uid).json()
+    assert [r["rank"] for r in result["results"]] == [3, 4, 5, 6] and result["total_images"] == 9
+    nested = post(client, "/images/search", {"query": "x", "folder": str(root / "album" / "nested")}, user_id=uid)
+    assert {os.path.basename(r["path"]) for r in nested.json()["results"]} == {"n0.png", "n1.png", "n2.png"}
+
+    page = client.get("/images", params={"user_id": uid, "offset": 5, "limit": 3}, headers=AUTH).json()
+    assert page["total"] == 9 and len(page["images"]) == 3
+    victim = page["images"][0]
+    deleted = client.delete(f"/images/{victim['id']}", params={"user_id": uid}, headers=AUTH)
+    assert deleted.status_code == 200 and deleted.json()["deleted"]["path"] == victim["path"]
+    assert client.delete(f"/images/{victim['id']}", params={"user_id": uid}, headers=AUTH).status_code == 404
+    after = post(client, "/images/search", {"query": "x", "top_k": 100}, user_id=uid).json()
+    assert victim["id"] not in {r["id"] for r in after["results"]} and after["total_images"] == 8
+    info = client.get("/db/info", params={"user_id": uid}, headers=AUTH).json()
+    assert info["model_id"] == env["model_id"] and info["images"] == 8 and not info["needs_reindex"]
+
+
+def test_users_are_isolated(env):
+    client, root = env["client"], env["root"]
+    alice, bob = new_user(client, "alice"), new_user(client, "bob")
+    assert alice != bob and new_user(client, "alice") == alice  # same name -> same gallery
+    post(client, "/images/add", {"image_path": str(root / "album" / "a1.jpg")}, user_id=alice)
+    post(client, "/images/add", {"image_path": str(root / "album" / "a2.jpg")}, user_id=bob)
+    for uid, name in ((alice, "a1.jpg"), (bob, "a2.jpg")):
+        results = post(client, "/images/search", {"query": "x", "top_k": 100}, user_id=uid).json()["results"]
+        assert [os.path.basename(r["path"]) for r in results] == [name]
+    bob_image = client.get("/images", params={"user_id": bob}, headers=AUTH).json()["images"][0]["id"]
+    assert client.delete(f"/images/{bob_image}", params={"user_id": alice}, headers=AUTH).status_code == 404
+
+
+def test_bad_inputs_get_clear_errors_and_change_nothing(env):
+    client, root, outside = env["client"], env["root"], env["outside"]
+    uid = new_user(client, "bad-inputs")
+    post(client, "/images/add", {"image_path": str(root / "album" / "a3.jpg")}, user_id=uid)
+    before = snapshot(client, uid)
+    add, folder, search = "/images/add", "/images/add-folder", "/images/search"
+    cases = [
+        (add, {"image_path": str(outside / "secret.jpg")}, 403),
+        (add, {"image_path": f"{root}/../outside/secret.jpg"}, 403),
+        (add, {"image_path": str(root / "escape.jpg")}, 403),  # symlink out of the root
+        (add, {"image_path": "/etc/passwd"}, 403),
+        (add, {"image_path": str(root / "missing.jpg")}, 404),
+        (add, {"image_path": str(root / "folder.jpg")}, 400),  # a directory given as a file
+        (add, {"image_path": "album/a0.jpg"}, 400),  # relative
+        (add, {"image_path": str(root / "notes.txt")}, 415),
+        (add, {"image_path": str(root / "fake.jpg")}, 415),  # not an image
+        (add, {"image_path": str(root / "truncated.jpg")}, 422),
+        (add, {"image_path": str(root / "bomb.png")}, 413),  # decompression bomb
+        (add, {"image_path": str(root / "a.jpg"), "extra": 1}, 422),
+        (add, {}, 422),
+        (folder, {"folder_path": str(outside)}, 403),
+        (folder, {"folder_path": str(root / "nope")}, 404),
+        (folder, {"folder_path": str(root / "album" / "a0.jpg")}, 400),  # a file given as a folder
+        (search, {"query": ""}, 422),
+        (search, {"query": "x", "top_k": 101}, 422),
+        (search, {"query": "x", "top_k": 0}, 422),
+        (search, {"query": "x", "offset": -1}, 422),
+        (search, {"query": "x", "min_score": 2}, 422),
+        (search, {"query": "x", "folder": str(outside)}, 403),
+    ]
+    for path, body, status in cases:
+        response = post(client, path, body, user_id=uid)
+        assert response.status_code == status, (path, body, response.status_code, response.text)
+        assert "detail" in response.json()
+    assert post(client, search, {"query": "x"}, user_id="no-such-user").status_code == 404
+    assert post(client, add, {"image_path": str(root / "album" / "a4.jpg")}, user_id="no-such-user").status_code == 404
+    assert client.post(search, params={"user_id": uid}, content=b"{not json", headers={**AUTH, "content-type": "application/json"}).status_code == 422
+    assert post(client, search, {"query": "x"}).status_code == 422  # user_id missing
+    big = json.dumps({"query": "x" * 10_000})
+    too_big = client.post(search, params={"user_id": uid}, content=big, headers={**AUTH, "content-type": "application/json"})
+    assert too_big.status_code == 413 and "too large" in too_big.json()["detail"]
+    streamed = client.post(search, params={"user_id": uid}, headers={**AUTH, "content-type": "application/json"},
+                           content=iter([big[:3000].encode(), big[3000:].encode()]))  # chunked: no Content-Length
+    assert streamed.status_code == 413
+    assert snapshot(client, uid) == before
+
+    report = post(client, folder, {"folder_path": str(root)}, user_id=uid).json()  # failures listed, rest added
+    failed = {os.path.basename(f["path"]): f["status"] for f in report["failed_files"]}
+    assert failed == {"escape.jpg": 403, "fake.jpg": 415, "truncated.jpg": 422, "bomb.png": 413}
+    assert report["added"] == 8 and report["unchanged"] == 1 and report["ignored"] == 1
