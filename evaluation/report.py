@@ -62,6 +62,10 @@ def direction_rows(result: EvalResult, name: str) -> list[tuple[str, str]]:
     ]
     rows += [(f"R@{k}", format_value(f"R@{k}", metrics[f"R@{k}"])) for k in result.ks]
     rows += [(label, format_value(key, metrics[key])) for label, key in QUALITY_ROWS]
+    if "per_pair_MRR" in metrics:
+        rows += [("queries, one per (image, caption) pair", format_value("num_queries", metrics["per_pair_queries"]))]
+        rows += [(f"R@{k}, per pair", format_value(f"R@{k}", metrics[f"per_pair_R@{k}"])) for k in result.ks]
+        rows += [("MRR, per pair", format_value("MRR", metrics["per_pair_MRR"]))]
     if name == TEXT_TO_IMAGE_GROUP:
         rows += [("groups", str(metrics["num_groups"])),
                  ("ambiguous queries", str(metrics["ambiguous_queries"])),

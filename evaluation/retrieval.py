@@ -161,6 +161,23 @@ def score_direction(name: str, query_emb: torch.Tensor, candidate_emb: torch.Ten
     )
 
 
+def add_per_pair_metrics(result: DirectionResult, ks) -> None:
+    """text->image again, one query per (image, caption) pair instead of per distinct caption.
+
+    This is the protocol of most CLIP papers and of the first Openclipart measurement in
+    DESIGN.md. A caption carried by n images then counts n times (its ranking is the same for
+    each), so captions shared by many images (collection names, series) weigh far more.
+    """
+    counted = result.first_ranks > 0
+    weights = result.num_relevant[counted].double()
+    ranks = result.first_ranks[counted].double()
+    total = weights.sum()
+    result.metrics["per_pair_queries"] = int(total)
+    result.metrics["per_pair_MRR"] = float((weights / ranks).sum() / total)
+    for k in ks:
+        result.metrics[f"per_pair_R@{k}"] = float((weights * (ranks <= k)).sum() / total)
+
+
 def caption_groups(pool: CaptionPool, samples: list[Sample]) -> tuple[list[str | None], list[str]]:
     """Group of each caption (None when it has none) and why: "ok", "ambiguous" or "ungrouped"."""
     groups, status = [], []
@@ -194,6 +211,7 @@ def evaluate_embeddings(samples: list[Sample], image_emb: torch.Tensor, caption_
         IMAGE_TO_TEXT: score_direction(IMAGE_TO_TEXT, image_emb, caption_emb, t2i_relevance.T.contiguous(),
                                        image_labels, pool.captions, ks, image_queries),
     }
+    add_per_pair_metrics(results[TEXT_TO_IMAGE], ks)
     image_groups = [s.group for s in samples]
     num_groups = len({g for g in image_groups if g is not None})
     if num_groups >= 2:

@@ -172,6 +172,10 @@ def test_scores_of_known_embeddings():
     assert oracle["text_to_image_group"].metrics["skipped_queries"] == 1  # "red" is on a warm and a cold image
     worst = evaluate_embeddings(samples, images, -texts, pool)["text_to_image"]
     assert worst.first_ranks.tolist() == [2, 3, 3, 3] and worst.metrics["median_rank"] == 3.0
+    # One query per (image, caption) pair: "red" is on two images, so it counts twice.
+    assert worst.metrics["per_pair_queries"] == 5
+    assert math.isclose(worst.metrics["per_pair_MRR"], (2 / 2 + 1 / 3 * 3) / 5)
+    assert worst.metrics["per_pair_R@1"] == 0.0 and worst.metrics["per_pair_R@5"] == 1.0
     # E[1/first position] with 2 relevant among 4 candidates in random order: 1/2 + 1/2 * 1/3 + 1/6 * 1/3.
     assert math.isclose(chance_mrr(torch.tensor([2]), 4), 1 / 2 + 1 / 6 + 1 / 18)
     assert math.isclose(chance_mrr(torch.tensor([1, 1]), 24), sum(1 / k for k in range(1, 25)) / 24)
