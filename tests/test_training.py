@@ -26,7 +26,9 @@ def tiny_cfg(csv_path, *extra):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
 def test_every_experiment_config_composes(experiment):
-    cfg = compose_train([f"experiment={experiment}", "data.csv=/x.csv"])
+    cfg = compose_train([f"experiment={experiment}"])
+    if "csv" in cfg.data:  # a CSV dataset: the path is the one mandatory value
+        cfg = compose_train([f"experiment={experiment}", "data.csv=/x.csv"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.model.embed_dim > 0 and cfg.trainer.batch_size > 0
 
