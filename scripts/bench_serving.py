@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep images and store here (default: a temp folder, removed)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
+    if args.checkpoint:
+        args.checkpoint = args.checkpoint.expanduser().resolve()  # the server runs in another folder
 
     import httpx
 

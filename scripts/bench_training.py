@@ -34,7 +34,8 @@ def build(recipe: str):
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{recipe}.yaml")
     try:
         model, tokenizer = build_model(cfg)
-        return model, tokenizer, cfg, "pretrained"
+        pretrained = cfg.image.pretrained or cfg.text.pretrained
+        return model, tokenizer, cfg, "pretrained" if pretrained else "random init (test recipe)"
     except WeightsUnavailableError:
         from transformers import BertConfig
 
