@@ -163,6 +163,8 @@ def test_train_cli_runs_and_writes_run_folder(shapes_csv, tmp_path):
          f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run / ".hydra" / "config.yaml").exists() and (run / "best" / "config.json").exists()
+    resolved = OmegaConf.load(run / "resolved_config.yaml")
+    assert resolved.data.reader.csv_path == str(shapes_csv) and resolved.trainer.max_steps == 2
 
 
 def test_missing_data_gives_one_clear_message(tmp_path):

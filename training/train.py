@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,6 +26,8 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder: %s", run_dir)
+    # .hydra/config.yaml keeps interpolations (${data.csv}, ${oc.env:HOME}); this is what ran.
+    (Path(run_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         trainer = Trainer(cfg, run_dir)
         metrics = trainer.fit()
