@@ -127,6 +127,20 @@ def test_frozen_parameters_get_no_gradient_and_do_not_change(shapes_csv, tmp_pat
         assert torch.equal(buffer, frozen_bn[name]), f"batch-norm statistic {name} moved"
 
 
+def test_multi_stage_pooling_concatenates_the_last_stages(shapes_csv, tmp_path):
+    cfg = tiny_cfg(shapes_csv, "trainer.max_steps=2", "trainer.cache_features=true", "model.image.trainable_stages=0",
+                   "model.image.pooled_stages=2")
+    trainer = Trainer(cfg, tmp_path)
+    encoder = trainer.model.image_encoder
+    assert encoder.out_dim == 256 + 512  # layer3 + layer4 widths of the tiny ResNet
+    assert trainer.batches.images.shape[1] == encoder.out_dim
+    trainer.fit()
+    loaded = load_checkpoint(tmp_path / "last", device="cpu", bf16=False)
+    assert loaded.embed_images(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(ValueError, match="pooled_stages"):
+        build_model(OmegaConf.merge(cfg.model, {"image": {"trainable_stages": 1}}))
+
+
 def test_logit_scale_stays_clamped(shapes_csv, tmp_path):
     cfg = tiny_cfg(shapes_csv, "trainer.max_steps=4", "optimizer.lr=10.0", "trainer.grad_clip_norm=null",
                    "model.init_temperature=0.0101")

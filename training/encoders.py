@@ -45,16 +45,35 @@ class StagedEncoder(nn.Module):
 class ImageEncoder(StagedEncoder):
     """A CNN as stages (stem, blocks..., head) followed by global average pooling."""
 
-    def __init__(self, stages: list[nn.Module], out_dim: int, trainable: int):
+    def __init__(self, stages: list[nn.Module], out_dim: int, trainable: int, pooled_stages: int = 1):
+        """`pooled_stages` > 1 concatenates the pooled outputs of that many last stages
+        (mid-level features transfer better to drawings than the ImageNet-specialised last one);
+        it needs a fully frozen encoder, where the whole pass is the cached prefix."""
         super().__init__()
         self.stages = nn.ModuleList(stages)
-        self.out_dim = out_dim
+        self.pooled_stages = pooled_stages
         self.freeze(trainable)
+        if pooled_stages > 1 and not self.fully_frozen:
+            raise ValueError("pooled_stages > 1 needs trainable_stages=0")
+        self.out_dim = out_dim if pooled_stages == 1 else self._pooled_width()
+
+    @torch.no_grad()
+    def _pooled_width(self) -> int:
+        was_training = self.training
+        self.eval()
+        width = self.forward_prefix(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.train(was_training)
+        return width
 
     def forward_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages[: self.num_frozen]:
+        pooled = []
+        for index, stage in enumerate(self.stages[: self.num_frozen]):
             pixels = stage(pixels)
-        return self._pool(pixels) if self.fully_frozen else pixels
+            if index >= len(self.stages) - self.pooled_stages:
+                pooled.append(self._pool(pixels))
+        if not self.fully_frozen:
+            return pixels
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
 
     def forward_suffix(self, features: torch.Tensor) -> torch.Tensor:
         if self.fully_frozen:

@@ -140,7 +140,8 @@ class DiskCache:
 
         frozen = image_encoder.stages[: image_encoder.num_frozen]
         stats = [(p, *_size_mtime(p)) for p in paths]
-        payload = json.dumps([model_id_of(frozen.state_dict()), len(frozen), preprocessing.to_dict(), stats, views])
+        shape = [len(frozen), image_encoder.pooled_stages, image_encoder.out_dim]  # what the prefix returns
+        payload = json.dumps([model_id_of(frozen.state_dict()), shape, preprocessing.to_dict(), stats, views])
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def load(self, key: str):
