@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import random
 
+import math
+
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data.images import ImageLoadError, load_image
 from data.records import Sample
@@ -78,3 +81,18 @@ class FailureLog:
 
     def __len__(self) -> int:
         return len(self.reasons)
+
+
+def readable_image_batches(paths: list[str], transform, min_size: int, batch_size: int, num_workers: int,
+                           failures: FailureLog, desc: str | None = None):
+    """Yield (indices into `paths`, pixels) for the readable images, in order, decoded in
+    `num_workers` processes; unreadable ones go to `failures`. `desc` shows a progress bar."""
+    loader = DataLoader(ImageDataset(paths, transform, min_size), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skipping_failures)
+    batches = tqdm(loader, desc=desc, unit="batch", total=math.ceil(len(paths) / batch_size),
+                   disable=desc is None, dynamic_ncols=True)
+    for batch in batches:
+        for index, reason in batch["failed"]:
+            failures.add(paths[index], reason)
+        if batch["pixels"] is not None:
+            yield batch["index"], batch["pixels"]

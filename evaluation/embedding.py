@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import FailureLog, ImageDataset, collate_skipping_failures
+from data.dataset import FailureLog, readable_image_batches
 
 
 @dataclass
@@ -31,20 +30,14 @@ class ImageEmbeddings:
 def embed_image_paths(checkpoint, paths: list[str], batch_size: int = 64, num_workers: int = 2,
                       progress: bool = True, desc: str = "embedding images") -> ImageEmbeddings:
     """Embed every readable image of `paths` with `checkpoint` (a training.checkpoint.LoadedCheckpoint)."""
-    dataset = ImageDataset(list(paths), checkpoint.image_transform, checkpoint.preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        collate_fn=collate_skipping_failures)
     failures = FailureLog()
     chunks: list[torch.Tensor] = []
     indices: list[int] = []
-    with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            for index, reason in batch["failed"]:
-                failures.add(paths[index], reason)
-            if batch["pixels"] is not None:
-                chunks.append(checkpoint.embed_images(batch["pixels"]))
-                indices.extend(batch["index"].tolist())
-            bar.update(len(batch["index"]) + len(batch["failed"]))
+    for batch_indices, pixels in readable_image_batches(list(paths), checkpoint.image_transform,
+                                                        checkpoint.preprocessing.image_size, batch_size, num_workers,
+                                                        failures, desc if progress else None):
+        chunks.append(checkpoint.embed_images(pixels))
+        indices.extend(batch_indices.tolist())
     dim = chunks[0].shape[1] if chunks else 0
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, dim)
     # DataLoader keeps batch order, but sort anyway so row i always matches indices[i] ascending.

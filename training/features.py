@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import FailureLog, ImageDataset, collate_skipping_failures
+from data.dataset import FailureLog, readable_image_batches
 from data.transforms import eval_transform, tokenize, train_transform
 
 log = logging.getLogger(__name__)
@@ -55,18 +54,12 @@ def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: boo
     augmented views (random resized crop, flip): prefixes are then [N, views, ...].
     """
     transform = eval_transform(preprocessing) if views == 1 else MultiView(preprocessing, views)
-    dataset = ImageDataset(paths, transform, preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skipping_failures, persistent_workers=False)
     ok = torch.zeros(len(paths), dtype=torch.bool)
     out = None
     model.eval()
-    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
-        for index, reason in batch["failed"]:
-            failures.add(paths[index], reason)
-        if batch["pixels"] is None:
-            continue
-        pixels = batch["pixels"].flatten(0, 1) if views > 1 else batch["pixels"]
+    for indices, pixels in readable_image_batches(paths, transform, preprocessing.image_size, batch_size,
+                                                  num_workers, failures, desc):
+        pixels = pixels.flatten(0, 1) if views > 1 else pixels
         with autocast_for(device, use_bf16):
             features = model.image_encoder.forward_prefix(pixels.to(device, memory_format=torch.channels_last))
         features = _storage(features)
@@ -74,8 +67,8 @@ def image_prefixes(model, paths: list[str], preprocessing, device, use_bf16: boo
             features = features.unflatten(0, (-1, views))
         if out is None:
             out = torch.zeros((len(paths), *features.shape[1:]), dtype=features.dtype)
-        out[batch["index"]] = features.cpu()
-        ok[batch["index"]] = True
+        out[indices] = features.cpu()
+        ok[indices] = True
     if out is None:
         raise RuntimeError(f"none of the {len(paths)} images could be read")
     return out, ok
