@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import random
-
 import math
+import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset

@@ -189,6 +189,14 @@ def test_missing_data_gives_one_clear_message(tmp_path):
     assert "nope.csv" in result.stderr + result.stdout and "Traceback" not in result.stderr
 
 
+def test_missing_required_setting_gives_one_clear_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "data.csv" in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
 def test_tiny_model_builds_without_downloads():
     model, tokenizer = build_model(OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny.yaml"))
     assert len(tokenizer) > 1000 and model.embed_dim == 32

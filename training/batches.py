@@ -81,7 +81,6 @@ class CachedBatches:
                 captions=[self.texts[i] for i in text_rows.tolist()],
             )
 
-
     def _images(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         images = self.images[rows, views] if self.views > 1 else self.images[rows]
         return images.to(self.device, torch.float32)

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from data.errors import DataUnavailableError
 from training.pretrained import WeightsUnavailableError
@@ -26,8 +27,14 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder: %s", run_dir)
-    # .hydra/config.yaml keeps interpolations (${data.csv}, ${oc.env:HOME}); this is what ran.
-    (Path(run_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        # .hydra/config.yaml keeps interpolations (${data.csv}, ${oc.env:HOME}); this is what ran.
+        resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as error:
+        log.error("a required setting is missing (%s): set it on the command line, e.g. data.csv=/path/captions.csv",
+                  str(error).splitlines()[0])
+        sys.exit(2)
+    (Path(run_dir) / "resolved_config.yaml").write_text(resolved)
     try:
         trainer = Trainer(cfg, run_dir)
         metrics = trainer.fit()
