@@ -140,6 +140,12 @@ def recall_at_k_curve(first_ranks: torch.Tensor, max_k: int = 100) -> List[float
     return hits.tolist()
 
 
+def _check_ks(ks: Sequence[int]) -> None:
+    for k in ks:
+        if int(k) != k or k < 1:
+            raise ValueError(f"ks must be positive integers, got {k!r}")
+
+
 def retrieval_metrics(
         similarity: torch.Tensor,
         relevance: torch.Tensor,
@@ -152,10 +158,20 @@ def retrieval_metrics(
     "num_queries" (queries with >= 1 relevant candidate, the ones averaged),
     "num_candidates", "skipped_queries" (queries with no relevant candidate).
     """
-    for k in ks:
-        if int(k) != k or k < 1:
-            raise ValueError(f"ks must be positive integers, got {k!r}")
+    _check_ks(ks)  # before the ranking, the expensive part
     first_ranks, aps = per_query_ranks(similarity, relevance, chunk_size)
+    return metrics_from_ranks(first_ranks, aps, int(similarity.shape[1]), ks)
+
+
+def metrics_from_ranks(
+        first_ranks: torch.Tensor,
+        aps: torch.Tensor,
+        num_candidates: int,
+        ks: Sequence[int] = (1, 5, 10),
+) -> Dict[str, float]:
+    """`retrieval_metrics` from the output of `per_query_ranks`, for callers that also need
+    the per-query ranks (ranking is the expensive part; do it once)."""
+    _check_ks(ks)
     counted = first_ranks > 0
     ranks = _counted(first_ranks).double()
     n = ranks.numel()
@@ -170,7 +186,7 @@ def retrieval_metrics(
         "median_rank": median.item(),
         "mean_rank": ranks.mean().item(),
         "num_queries": int(n),
-        "num_candidates": int(similarity.shape[1]),
+        "num_candidates": int(num_candidates),
         "skipped_queries": int(first_ranks.numel() - n),
     })
     return metrics

@@ -27,7 +27,7 @@ import torch
 
 from data.records import Sample
 from evaluation.embedding import embed_image_paths, embed_texts
-from evaluation.metrics import per_query_ranks, recall_at_k_curve, retrieval_metrics
+from evaluation.metrics import metrics_from_ranks, per_query_ranks, recall_at_k_curve
 from evaluation.relevance import CaptionPool, group_relevance
 
 
@@ -51,7 +51,7 @@ class DirectionResult:
     """Metrics and per-query outcome of one retrieval direction."""
 
     name: str
-    metrics: dict                     # retrieval_metrics keys + chance_MRR (+ group extras)
+    metrics: dict                     # metrics_from_ranks keys + chance_MRR (+ group extras)
     query_labels: list[str]           # caption text or image id, one per evaluated query
     candidate_labels: list[str]
     query_indices: torch.Tensor       # [Q] index into the direction's full query list
@@ -145,8 +145,8 @@ def score_direction(name: str, query_emb: torch.Tensor, candidate_emb: torch.Ten
         query_indices = torch.arange(query_emb.shape[0])
     similarity = query_emb[query_indices].float() @ candidate_emb.float().T
     relevance = relevance[query_indices]
-    metrics = retrieval_metrics(similarity, relevance, ks=ks)
     first_ranks, aps = per_query_ranks(similarity, relevance)
+    metrics = metrics_from_ranks(first_ranks, aps, similarity.shape[1], ks)
     num_relevant = relevance.sum(dim=1)
     top = similarity.topk(min(TOP_N, similarity.shape[1]), dim=1)
     best_relevant = similarity.masked_fill(~relevance, -math.inf).argmax(dim=1)
