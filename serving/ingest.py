@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from data.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageLoadError, is_image_file, load_image
-from serving.errors import GalleryError, bad_request, not_found
+from serving.errors import GalleryError, bad_request, forbidden, not_found
 from serving.paths import PathPolicy
 from serving.store import GalleryStore, ImageRecord, User, image_id
 
@@ -111,7 +111,7 @@ def stat_file(resolved: Path) -> FileEntry:
     except FileNotFoundError:
         raise not_found(f"no such file: {resolved}") from None
     except PermissionError:
-        raise GalleryError(403, f"the server process may not read {resolved}") from None
+        raise forbidden(f"the server process may not read {resolved}") from None
     except OSError as error:
         raise bad_request(f"cannot stat {resolved}: {error}") from None
     if not resolved.is_file():
@@ -166,7 +166,7 @@ def decode_file(entry: FileEntry, transform: Callable, min_size: int, max_pixels
     except FileNotFoundError:
         return Decoded(entry, error=not_found(f"no such file: {entry.path}"))
     except PermissionError:
-        return Decoded(entry, error=GalleryError(403, f"the server process may not read {entry.path}"))
+        return Decoded(entry, error=forbidden(f"the server process may not read {entry.path}"))
     except OSError as error:
         return Decoded(entry, error=bad_request(f"cannot read {entry.path}: {error}"))
     except Exception as error:  # a decoder bug must not fail the whole folder
@@ -305,7 +305,7 @@ class Ingestor:
             for record in records:
                 path = Path(record.path)
                 if not self.policy.allows(path.resolve()):
-                    report.fail(record.path, GalleryError(403, "outside the allowed roots; not re-indexed, removed"))
+                    report.fail(record.path, forbidden("outside the allowed roots; not re-indexed, removed"))
                     continue
                 try:
                     stat = path.stat()

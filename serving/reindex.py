@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from serving.__main__ import CONFIG_DIR, preflight
 from serving.config import ConfigError, ServeSettings
+from serving.store import UnknownUserError
 
 
 def reindex(settings: ServeSettings, user_id: str | None = None, force: bool = False) -> list[dict]:
@@ -25,9 +26,10 @@ def reindex(settings: ServeSettings, user_id: str | None = None, force: bool = F
     gallery = Gallery.open(settings)
     try:
         if user_id:
-            targets = [gallery.store.get_user(user_id)] if user_id in {u.user_id for u in gallery.store.users()} else []
-            if not targets:
-                raise ConfigError(f"no gallery with user_id {user_id} in {settings.db_dir}")
+            try:
+                targets = [gallery.store.get_user(user_id)]
+            except UnknownUserError:
+                raise ConfigError(f"no gallery with user_id {user_id} in {settings.db_dir}") from None
         else:
             targets = [u for u in gallery.store.users() if force or gallery.store.model_id(u) != gallery.model_id]
         results = []
