@@ -90,13 +90,14 @@ def _resnet_stages(net) -> list[nn.Module]:
 
 def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
     arch = cfg.arch
+    pooled_stages = cfg.get("pooled_stages", 1)  # absent from checkpoints made before the option
     if arch == "resnet50":
         from torchvision.models import resnet50
 
         net = resnet50(weights=None)
         if pretrained:
             net.load_state_dict(resnet50_state_dict(cfg.get("weights_path")))
-        return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages, cfg.get("pooled_stages", 1))
+        return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages, pooled_stages)
     if arch == "tf_efficientnet_lite0":
         import timm
 
@@ -104,14 +105,14 @@ def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
         if pretrained:
             net.load_state_dict(_map_by_order(efficientnet_lite0_state_dict(cfg.get("weights_path")), net.state_dict()))
         stages = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
-        return ImageEncoder(stages, net.num_features, cfg.trainable_stages, cfg.get("pooled_stages", 1))
+        return ImageEncoder(stages, net.num_features, cfg.trainable_stages, pooled_stages)
     if arch == "tiny_resnet":
         from torchvision.models.resnet import BasicBlock, ResNet
 
         if pretrained:
             raise WeightsUnavailableError("the tiny recipe has no pretrained weights; set model.image.pretrained=false")
         net = ResNet(BasicBlock, [1, 1, 1, 1], width_per_group=64)
-        return ImageEncoder(_resnet_stages(net), 512, cfg.trainable_stages, cfg.get("pooled_stages", 1))
+        return ImageEncoder(_resnet_stages(net), 512, cfg.trainable_stages, pooled_stages)
     raise ValueError(f"unknown image encoder arch {arch!r}")
 
 
