@@ -39,7 +39,9 @@ def build(recipe: str):
     except WeightsUnavailableError:
         from transformers import BertConfig
 
-        bert = BertConfig() if recipe == "resnet50_bert" else None
+        # bert-base-uncased's shape by default; all-MiniLM-L6-v2's for the MiniLM recipe.
+        bert = BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536) if recipe == "effnet_minilm" \
+            else BertConfig()
         cfg.image.pretrained = False
         model, _ = build_model(cfg, pretrained=False, bert_config=bert.to_dict())
         return model, minilm_tokenizer(), cfg, "random init (weights not on this machine)"
