@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from serving.config import ConfigError, ServeSettings
+from serving.config import ConfigError, ServeSettings, configure_logging
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 logger = logging.getLogger("serving")
@@ -83,7 +83,7 @@ def _reap_children(timeout: float = 5.0) -> None:
 def serve(settings: ServeSettings) -> int:
     from serving.api import build_server
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     _install_signal_handlers()
     where = f"http://{settings.host}:{settings.port}"
     logger.info("Smart Gallery: %s (docs at %s/docs), store %s, checkpoint %s, roots %s, API key %s",

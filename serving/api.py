@@ -43,7 +43,7 @@ from litserve.callbacks.base import EventTypes
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-from serving.config import ServeSettings
+from serving.config import ServeSettings, configure_logging
 from serving.schemas import (
     MAX_LIST_LIMIT,
     AddFolderRequest,
@@ -196,7 +196,7 @@ class GalleryAPI(ls.LitAPI):
     def setup(self, device):
         from serving.gallery import Gallery
 
-        logging.basicConfig(level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(self.settings.log_level)
         self.stop = threading.Event()
         self._busy = _Busy()
         _install_worker_signals(self.stop, self._busy)

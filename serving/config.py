@@ -7,6 +7,7 @@ data. `validate()` holds every rule that must stop the server before it starts.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ class ServeSettings:
                 raise ConfigError(f"allowed root {root!r} must be an absolute path")
             if not path.is_dir():
                 raise ConfigError(f"allowed root {root!r} is not an existing folder")
+
+
+def configure_logging(level: str) -> None:
+    """The same log format in the server, its gallery worker and the re-index CLI."""
+    logging.basicConfig(level=str(level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def host_is_loopback(host: str) -> bool:

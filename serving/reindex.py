@@ -9,14 +9,13 @@ The running server offers the same as `POST /db/reindex?user_id=...`.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from serving.__main__ import CONFIG_DIR, preflight
-from serving.config import ConfigError, ServeSettings
+from serving.config import ConfigError, ServeSettings, configure_logging
 from serving.store import UnknownUserError
 
 
@@ -44,7 +43,7 @@ def reindex(settings: ServeSettings, user_id: str | None = None, force: bool = F
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=str(cfg.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level)
     options = OmegaConf.to_container(cfg.reindex, resolve=True)
     try:
         settings = ServeSettings.from_hydra(cfg)
