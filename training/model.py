@@ -20,6 +20,7 @@ from training.pretrained import (
     minilm_tokenizer,
     resnet50_state_dict,
 )
+from training.zeroshot import ZeroShotReadout, build_readout
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -46,15 +47,32 @@ class ProjectionHead(nn.Module):
 
 
 class DualEncoder(nn.Module):
+    """Two encoders into one unit-norm space.
+
+    With a zero-shot readout (`zeroshot_weight` w > 0) the embedding is the concatenation
+    [sqrt(1-w) * head(x), sqrt(w) * readout(x)] of two unit vectors, so it stays unit norm and
+    a cosine is (1-w) * head cosine + w * readout cosine. The readout is fixed: training moves
+    only the heads, and what the backbones knew before training keeps weight w everywhere.
+    With w = 1 there are no heads: the zero-shot model.
+    """
+
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, embed_dim: int,
-                 head_hidden_dim: int = 0, head_dropout: float = 0.0, init_temperature: float = 0.07):
+                 head_hidden_dim: int = 0, head_dropout: float = 0.0, init_temperature: float = 0.07,
+                 readout: ZeroShotReadout | None = None, zeroshot_weight: float = 0.0):
         super().__init__()
+        if not 0.0 <= zeroshot_weight <= 1.0 or (zeroshot_weight > 0) != (readout is not None):
+            raise ValueError(f"zeroshot weight must be in [0, 1] and > 0 exactly when a readout is given, "
+                             f"got {zeroshot_weight}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self.image_head = ProjectionHead(image_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
-        self.text_head = ProjectionHead(text_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
+        self.readout = readout
+        self.zeroshot_weight = zeroshot_weight
+        self.has_heads = zeroshot_weight < 1.0
+        if self.has_heads:
+            self.image_head = ProjectionHead(image_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
+            self.text_head = ProjectionHead(text_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.embed_dim = embed_dim
+        self.embed_dim = (embed_dim if self.has_heads else 0) + (readout.out_dim if readout is not None else 0)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.embed_image_prefix(self.image_encoder.forward_prefix(pixels))
@@ -64,10 +82,23 @@ class DualEncoder(nn.Module):
 
     def embed_image_prefix(self, prefix) -> torch.Tensor:
         """From the frozen prefix's output (possibly cached) to a unit-norm embedding."""
-        return F.normalize(self.image_head(self.image_encoder.forward_suffix(prefix)).float(), dim=-1)
+        features = self.image_encoder.forward_suffix(prefix)
+        readout = self.readout(features) if self.readout is not None else None
+        return self._combine(self.image_head(features) if self.has_heads else None, readout)
 
     def embed_text_prefix(self, prefix) -> torch.Tensor:
-        return F.normalize(self.text_head(self.text_encoder.forward_suffix(prefix)).float(), dim=-1)
+        features = self.text_encoder.forward_suffix(prefix)
+        # The readout lives in the frozen text encoder's own space: the text side is its output.
+        readout = F.normalize(features.float(), dim=-1) if self.readout is not None else None
+        return self._combine(self.text_head(features) if self.has_heads else None, readout)
+
+    def _combine(self, projected: torch.Tensor | None, readout: torch.Tensor | None) -> torch.Tensor:
+        if readout is None:
+            return F.normalize(projected.float(), dim=-1)
+        if projected is None:
+            return readout
+        w = self.zeroshot_weight
+        return torch.cat([math.sqrt(1.0 - w) * F.normalize(projected.float(), dim=-1), math.sqrt(w) * readout], dim=-1)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -78,7 +109,8 @@ class DualEncoder(nn.Module):
         return [p for m in (self.image_encoder, self.text_encoder) for p in m.parameters() if p.requires_grad]
 
     def new_parameters(self):
-        return [p for m in (self.image_head, self.text_head) for p in m.parameters()] + [self.logit_scale]
+        heads = (self.image_head, self.text_head) if self.has_heads else ()
+        return [p for m in heads for p in m.parameters()] + [self.logit_scale]
 
 
 # --- image encoders -------------------------------------------------------------------------
@@ -88,7 +120,8 @@ def _resnet_stages(net) -> list[nn.Module]:
     return [stem, net.layer1, net.layer2, net.layer3, net.layer4]
 
 
-def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
+def build_image_encoder(cfg, pretrained: bool) -> tuple[ImageEncoder, nn.Linear]:
+    """The staged encoder and the backbone's own ImageNet classifier (for the zero-shot readout)."""
     arch = cfg.arch
     pooled_stages = cfg.get("pooled_stages", 1)  # absent from checkpoints made before the option
     if arch == "resnet50":
@@ -97,7 +130,7 @@ def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
         net = resnet50(weights=None)
         if pretrained:
             net.load_state_dict(resnet50_state_dict(cfg.get("weights_path")))
-        return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages, pooled_stages)
+        return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages, pooled_stages), net.fc
     if arch == "tf_efficientnet_lite0":
         import timm
 
@@ -105,14 +138,14 @@ def build_image_encoder(cfg, pretrained: bool) -> ImageEncoder:
         if pretrained:
             net.load_state_dict(_map_by_order(efficientnet_lite0_state_dict(cfg.get("weights_path")), net.state_dict()))
         stages = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
-        return ImageEncoder(stages, net.num_features, cfg.trainable_stages, pooled_stages)
+        return ImageEncoder(stages, net.num_features, cfg.trainable_stages, pooled_stages), net.classifier
     if arch == "tiny_resnet":
         from torchvision.models.resnet import BasicBlock, ResNet
 
         if pretrained:
             raise WeightsUnavailableError("the tiny recipe has no pretrained weights; set model.image.pretrained=false")
         net = ResNet(BasicBlock, [1, 1, 1, 1], width_per_group=64)
-        return ImageEncoder(_resnet_stages(net), 512, cfg.trainable_stages, pooled_stages)
+        return ImageEncoder(_resnet_stages(net), 512, cfg.trainable_stages, pooled_stages), net.fc
     raise ValueError(f"unknown image encoder arch {arch!r}")
 
 
@@ -153,10 +186,20 @@ def build_text_encoder(cfg, pretrained: bool, bert_config: dict | None = None):
 
 
 def build_model(cfg, pretrained: bool = True, bert_config: dict | None = None):
-    """The DualEncoder and its tokenizer from the `model` config section."""
-    image_encoder = build_image_encoder(cfg.image, pretrained and cfg.image.pretrained)
+    """The DualEncoder and its tokenizer from the `model` config section.
+
+    With `pretrained=False` (a checkpoint's weights follow) the zero-shot class embeddings are
+    left empty too: they are part of the checkpoint.
+    """
+    image_encoder, classifier = build_image_encoder(cfg.image, pretrained and cfg.image.pretrained)
     text_encoder, tokenizer = build_text_encoder(cfg.text, pretrained and cfg.text.pretrained, bert_config)
+    zeroshot = cfg.get("zeroshot") or {"weight": 0.0}  # absent from checkpoints made before the option
+    readout = None
+    if zeroshot["weight"] > 0:
+        readout = build_readout(zeroshot, classifier, text_encoder, tokenizer, cfg.text.max_tokens,
+                                compute=pretrained)
     model = DualEncoder(
-        image_encoder, text_encoder, cfg.embed_dim, cfg.head.hidden_dim, cfg.head.dropout, cfg.init_temperature
+        image_encoder, text_encoder, cfg.embed_dim, cfg.head.hidden_dim, cfg.head.dropout, cfg.init_temperature,
+        readout, float(zeroshot["weight"]),
     )
     return model, tokenizer
