@@ -22,6 +22,7 @@ class Sample:
     captions: tuple[str, ...]
     group: str | None = None
     aug_captions: tuple[str, ...] = field(default_factory=tuple)
+    source: str | None = None  # the dataset a mixture read it from (data.mixture)
 
 
 def split_of(image_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:

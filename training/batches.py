@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from data.dataset import FailureLog, ImageCaptionDataset, collate_skipping_failures
+from data.mixture import mixture_epoch_indices, mixture_sources
 from data.records import Sample
 from data.transforms import tokenize, train_transform
 from training.features import DiskCache, autocast_for, image_prefixes, text_prefixes
@@ -23,6 +24,7 @@ class Batch:
     image_prefix: object
     text_prefix: object
     captions: list[str]
+    sources: list | None = None  # each pair's dataset (Sample.source)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -35,7 +37,7 @@ class CachedBatches:
 
     def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
                  batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
-                 cache_dir: str | None = None, views: int = 1):
+                 cache_dir: str | None = None, views: int = 1, weights: dict | None = None):
         paths = [s.image_path for s in samples]
         disk = DiskCache(cache_dir)
         key = disk.key(model.image_encoder, preprocessing, paths, views)
@@ -61,24 +63,32 @@ class CachedBatches:
         self.text = text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16,
                                   desc="train text features")
         self.batch_size, self.device, self.views = batch_size, device, views
+        self.weights, self.sources = weights, mixture_sources(self.samples, weights)
 
     def __len__(self) -> int:
         return len(self.samples) // self.batch_size
 
     def epoch(self, seed: int, epoch: int, skip_batches: int = 0):
         generator = epoch_generator(seed, epoch)
-        order = torch.randperm(len(self.samples), generator=generator)
-        picks = torch.rand(len(self.samples), generator=generator)
-        view_of = torch.randint(self.views, (len(self.samples),), generator=generator)
+        if self.sources:  # several datasets: weighted draw (data.mixture); picks and views per position
+            order = mixture_epoch_indices(self.sources, self.weights, generator)
+            picks = torch.rand(len(order), generator=generator)
+            view_of = torch.randint(self.views, (len(order),), generator=generator)
+        else:  # per-sample draws read in epoch order: the same values as indexing them by sample
+            order = torch.randperm(len(self.samples), generator=generator)
+            picks = torch.rand(len(self.samples), generator=generator)[order]
+            view_of = torch.randint(self.views, (len(self.samples),), generator=generator)[order]
         for b in range(skip_batches, len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            span = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            rows = order[span]
             text_rows = torch.tensor([
-                self.caption_rows[i][int(picks[i] * len(self.caption_rows[i]))] for i in rows.tolist()
+                self.caption_rows[i][int(p * len(self.caption_rows[i]))] for i, p in zip(rows.tolist(), picks[span])
             ])
             yield Batch(
-                image_prefix=self._images(rows, view_of[rows]),
+                image_prefix=self._images(rows, view_of[span]),
                 text_prefix=self.text.select(text_rows, self.device),
                 captions=[self.texts[i] for i in text_rows.tolist()],
+                sources=[self.samples[i].source for i in rows.tolist()],
             )
 
     def _images(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
@@ -90,20 +100,25 @@ class StreamingBatches:
     """Images decoded and augmented every epoch (random resized crop, flip); prefixes run live."""
 
     def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
-                 batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog):
+                 batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
+                 weights: dict | None = None):
         self.model, self.tokenizer, self.preprocessing = model, tokenizer, preprocessing
         self.samples = samples
         self.dataset = ImageCaptionDataset(samples, train_transform(preprocessing), preprocessing.image_size,
                                            caption_augmentation)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device, self.use_bf16, self.failures = device, use_bf16, failures
+        self.weights, self.sources = weights, mixture_sources(samples, weights)
 
     def __len__(self) -> int:
         return len(self.samples) // self.batch_size
 
     def epoch(self, seed: int, epoch: int, skip_batches: int = 0):
         random.seed(seed * 100_003 + epoch)  # caption choice in the main process (num_workers=0)
-        sampler = RandomSampler(self.dataset, generator=epoch_generator(seed, epoch))
+        if self.sources:  # several datasets: weighted draw (data.mixture)
+            sampler = mixture_epoch_indices(self.sources, self.weights, epoch_generator(seed, epoch)).tolist()
+        else:
+            sampler = RandomSampler(self.dataset, generator=epoch_generator(seed, epoch))
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                             num_workers=self.num_workers, collate_fn=collate_skipping_failures,
                             worker_init_fn=_seed_worker)
@@ -118,7 +133,8 @@ class StreamingBatches:
                     batch["pixels"].to(self.device, memory_format=torch.channels_last))
                 text_prefix = self.model.text_encoder.forward_prefix(
                     tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-            yield Batch(image_prefix, text_prefix, batch["captions"])
+            yield Batch(image_prefix, text_prefix, batch["captions"],
+                        [self.samples[i].source for i in batch["index"].tolist()])
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data.dataset import FailureLog
 from data.errors import DataUnavailableError
+from data.mixture import dataset_weights, source_counts
 from data.records import select_split
 from data.transforms import Preprocessing
 from training.batches import CachedBatches, StreamingBatches
@@ -83,6 +84,10 @@ class Trainer:
         if cfg.data.get("max_samples"):
             train_samples, val_samples = train_samples[: cfg.data.max_samples], val_samples[: cfg.data.max_samples]
         log.info("%d train / %d val samples", len(train_samples), len(val_samples))
+        weights = dataset_weights(cfg.data)  # data=mixture: per-dataset sampling weights
+        if weights:
+            log.info("per source: train %s, val %s; weights %s", source_counts(train_samples),
+                     source_counts(val_samples), weights)
 
         common = dict(model=self.model, tokenizer=self.tokenizer, preprocessing=self.preprocessing,
                       device=self.device, use_bf16=self.use_bf16, num_workers=self.tcfg.num_workers,
@@ -90,10 +95,12 @@ class Trainer:
         if self.tcfg.cache_features:
             self.batches = CachedBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
                                          caption_augmentation=cfg.data.caption_augmentation,
-                                         cache_dir=self.tcfg.cache_dir, views=self.tcfg.cache_views, **common)
+                                         cache_dir=self.tcfg.cache_dir, views=self.tcfg.cache_views, weights=weights,
+                                         **common)
         else:
             self.batches = StreamingBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
-                                            caption_augmentation=cfg.data.caption_augmentation, **common)
+                                            caption_augmentation=cfg.data.caption_augmentation, weights=weights,
+                                            **common)
         if len(self.batches) == 0:
             raise ValueError(f"{len(train_samples)} training samples do not fill one batch of {self.tcfg.batch_size}")
         self.validator = Validator(samples=val_samples, **common) if val_samples else None
