@@ -23,6 +23,9 @@ class Sample:
     group: str | None = None
     aug_captions: tuple[str, ...] = field(default_factory=tuple)
     source: str | None = None  # the dataset a mixture read it from (data.mixture)
+    # What the split hashes instead of image_id when set: several images of one thing (an
+    # icon in several weights) share it, so they always land in the same split.
+    split_key: str | None = None
 
 
 def split_of(image_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
@@ -43,4 +46,4 @@ def select_split(samples: list[Sample], split: str, fractions=(0.8, 0.1, 0.1)) -
         return list(samples)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} or 'all'")
-    return [s for s in samples if split_of(s.image_id, tuple(fractions)) == split]
+    return [s for s in samples if split_of(s.split_key or s.image_id, tuple(fractions)) == split]

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from data.errors import DataUnavailableError
 from data.readers.captions import read_caption_csv, read_coco_captions, read_flickr30k_results
+from data.readers.icons import (read_game_icons, read_iconify, read_mdi, read_noto_emoji, read_phosphor,
+                                read_tabler, read_twemoji)
 from data.readers.openclipart import read_openclipart
 from data.records import Sample
 
@@ -19,6 +21,13 @@ READERS: dict[str, Callable[..., list[Sample]]] = {
     "flickr30k": read_flickr30k_results,
     "coco": read_coco_captions,
     "openclipart": read_openclipart,
+    "tabler": read_tabler,
+    "mdi": read_mdi,
+    "phosphor": read_phosphor,
+    "iconify": read_iconify,
+    "game_icons": read_game_icons,
+    "twemoji": read_twemoji,
+    "noto_emoji": read_noto_emoji,
 }
 
 
@@ -34,4 +43,6 @@ def read_dataset(name: str, **kwargs) -> list[Sample]:
 __all__ = [
     "DataUnavailableError", "READERS", "read_dataset", "read_caption_csv",
     "read_flickr30k_results", "read_coco_captions", "read_openclipart",
+    "read_tabler", "read_mdi", "read_phosphor", "read_iconify", "read_game_icons", "read_twemoji",
+    "read_noto_emoji",
 ]
