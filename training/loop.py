@@ -63,6 +63,13 @@ def read_samples(data_cfg) -> list:
         raise cause if isinstance(cause, DataUnavailableError) else error
 
 
+def trained_dataset_names(data_cfg) -> list[str]:
+    """The dataset names a run trains on: a mixture's `datasets` keys, else the data config's `name`."""
+    if data_cfg.get("datasets"):
+        return [str(name) for name in data_cfg.datasets]
+    return [str(data_cfg.get("name", "unknown"))]
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: str | Path):
         self.cfg, self.tcfg = cfg, cfg.trainer
@@ -198,7 +205,8 @@ class Trainer:
             writer.writerow(row)
 
     def save(self, metrics: dict) -> None:
-        extra = {"step": self.step, "epoch": self.epoch, "data": str(self.cfg.data.reader.get("_target_"))}
+        extra = {"step": self.step, "epoch": self.epoch, "data": str(self.cfg.data.reader.get("_target_")),
+                 "datasets": trained_dataset_names(self.cfg.data)}  # read by evaluation.suite (held-out domains)
         save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self.cfg.model, self.preprocessing,
                         metrics, extra)
         torch.save(self.training_state(), self.run_dir / "last" / STATE_FILE)
