@@ -15,7 +15,7 @@ from torch import nn
 from training.encoders import ImageEncoder, TextEncoder
 from training.pretrained import (
     WeightsUnavailableError,
-    efficientnet_lite0_state_dict,
+    efficientnet_lite_state_dict,
     load_bert,
     minilm_tokenizer,
     resnet50_state_dict,
@@ -129,14 +129,20 @@ def build_image_encoder(cfg, pretrained: bool) -> tuple[ImageEncoder, nn.Linear]
 
         net = resnet50(weights=None)
         if pretrained:
-            net.load_state_dict(resnet50_state_dict(cfg.get("weights_path")))
+            state = resnet50_state_dict(cfg.get("weights_path"))
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as error:  # another architecture's file: say so instead of a traceback
+                raise WeightsUnavailableError(f"{cfg.get('weights_path') or 'the ResNet50 weights'} is not a "
+                                              f"torchvision ResNet50 state dict: {str(error)[:300]}") from None
         return ImageEncoder(_resnet_stages(net), 2048, cfg.trainable_stages, pooled_stages), net.fc
-    if arch == "tf_efficientnet_lite0":
+    if arch in ("tf_efficientnet_lite0", "tf_efficientnet_lite2"):
         import timm
 
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        net = timm.create_model(arch, pretrained=False)
         if pretrained:
-            net.load_state_dict(_map_by_order(efficientnet_lite0_state_dict(cfg.get("weights_path")), net.state_dict()))
+            source = efficientnet_lite_state_dict(int(arch[-1]), cfg.get("weights_path"))
+            net.load_state_dict(_map_by_order(source, net.state_dict(), arch))
         stages = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
         return ImageEncoder(stages, net.num_features, cfg.trainable_stages, pooled_stages), net.classifier
     if arch == "tiny_resnet":
@@ -149,14 +155,17 @@ def build_image_encoder(cfg, pretrained: bool) -> tuple[ImageEncoder, nn.Linear]
     raise ValueError(f"unknown image encoder arch {arch!r}")
 
 
-def _map_by_order(source: dict, target: dict) -> dict:
+def _map_by_order(source: dict, target: dict, arch: str = "tf_efficientnet_lite0") -> dict:
     """Rename a state dict whose tensors come in the same order and shapes as the target's.
 
-    The packaged EfficientNet-Lite0 weights use EfficientNet-PyTorch names (`_blocks.3...`);
-    timm's `tf_efficientnet_lite0` holds the same tensors in the same order (same TF padding).
+    The packaged EfficientNet-Lite0/Lite2 weights use EfficientNet-PyTorch names (`_blocks.3...`,
+    `_fc`); timm's `tf_efficientnet_lite0/2` hold the same tensors in the same order (same TF
+    padding), the 1000-class head last. Tensor kinds (weight, bias, running_mean...) must agree too.
     """
-    if len(source) != len(target) or any(s.shape != t.shape for s, t in zip(source.values(), target.values())):
-        raise WeightsUnavailableError("EfficientNet-Lite0 weights do not match the timm architecture")
+    if (len(source) != len(target)
+            or any(s.shape != t.shape for s, t in zip(source.values(), target.values()))
+            or any(a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1] for a, b in zip(source, target))):
+        raise WeightsUnavailableError(f"the EfficientNet-Lite weights given do not match timm's {arch} architecture")
     return dict(zip(target.keys(), source.values()))
 
 
