@@ -200,3 +200,20 @@ def test_missing_required_setting_gives_one_clear_message(tmp_path):
 def test_tiny_model_builds_without_downloads():
     model, tokenizer = build_model(OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny.yaml"))
     assert len(tokenizer) > 1000 and model.embed_dim == 32
+
+
+def test_frozen_text_features_are_cached_on_disk(shapes_csv, tmp_path, monkeypatch):
+    """A second run with the same frozen text encoder and captions reads them back, identical."""
+    import training.batches
+
+    overrides = ["trainer.cache_features=true", "trainer.max_steps=1", f"trainer.cache_dir={tmp_path / 'cache'}",
+                 "model.text.trainable_layers=0", "model.image.trainable_stages=0"]
+    first = Trainer(tiny_cfg(shapes_csv, *overrides), tmp_path / "a").batches.text.values
+    assert any(p.name.startswith("text-") for p in (tmp_path / "cache").iterdir())
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("text features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(training.batches, "text_prefixes", no_recompute)
+    second = Trainer(tiny_cfg(shapes_csv, *overrides), tmp_path / "b").batches.text.values
+    torch.testing.assert_close(second, first)

@@ -16,7 +16,7 @@ from data.dataset import FailureLog, ImageCaptionDataset, collate_skipping_failu
 from data.mixture import mixture_epoch_indices, mixture_sources
 from data.records import Sample
 from data.transforms import tokenize, train_transform
-from training.features import DiskCache, autocast_for, image_prefixes, text_prefixes
+from training.features import DiskCache, TextPrefixes, autocast_for, image_prefixes, text_prefixes
 
 
 @dataclass
@@ -60,10 +60,22 @@ class CachedBatches:
         row_of = {t: i for i, t in enumerate(texts)}
         self.caption_rows = [[row_of[t] for t in p] for p in phrasings]
         self.texts = texts
-        self.text = text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16,
-                                  desc="train text features")
+        self.text = self._text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16, disk)
         self.batch_size, self.device, self.views = batch_size, device, views
         self.weights, self.sources = weights, mixture_sources(self.samples, weights)
+
+    @staticmethod
+    def _text_prefixes(model, tokenizer, texts, max_tokens, device, use_bf16, disk: DiskCache) -> TextPrefixes:
+        """Pooled text features are cached on disk too when the whole text encoder is frozen."""
+        if not model.text_encoder.fully_frozen:
+            return text_prefixes(model, tokenizer, texts, max_tokens, device, use_bf16, desc="train text features")
+        key = disk.text_key(model.text_encoder, max_tokens, texts)
+        cached = disk.load(key)
+        if cached is not None:
+            return TextPrefixes(cached[0], None)
+        prefixes = text_prefixes(model, tokenizer, texts, max_tokens, device, use_bf16, desc="train text features")
+        disk.save(key, prefixes.values, torch.ones(len(texts), dtype=torch.bool))
+        return prefixes
 
     def __len__(self) -> int:
         return len(self.samples) // self.batch_size

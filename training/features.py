@@ -121,7 +121,7 @@ def _size_mtime(path: str) -> tuple[int, int]:
 
 
 class DiskCache:
-    """Image prefix tensors on disk, keyed by everything that determines them."""
+    """Prefix tensors on disk (image, or pooled text), keyed by everything that determines them."""
 
     def __init__(self, directory: str | None):
         self.directory = Path(directory).expanduser() if directory else None
@@ -137,11 +137,19 @@ class DiskCache:
         payload = json.dumps([model_id_of(frozen.state_dict()), shape, preprocessing.to_dict(), stats, views])
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
+    @staticmethod
+    def text_key(text_encoder, max_tokens: int, texts: list[str]) -> str:
+        """A fully frozen text encoder's weights, pooling, token limit and the texts themselves."""
+        from training.checkpoint import model_id_of
+
+        payload = json.dumps([model_id_of(text_encoder.state_dict()), text_encoder.pooling, max_tokens, texts])
+        return "text-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
+
     def load(self, key: str):
         if self.directory is None or not (self.directory / f"{key}.safetensors").exists():
             return None
         tensors = load_file(str(self.directory / f"{key}.safetensors"))
-        log.info("loaded cached image features %s", key)
+        log.info("loaded cached features %s", key)
         return tensors["prefixes"], tensors["ok"].bool()
 
     def save(self, key: str, prefixes: torch.Tensor, ok: torch.Tensor) -> None:
