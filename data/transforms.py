@@ -18,6 +18,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_tokens: int = 32
+    resize: str = "crop"  # crop: short side to image_size, centre crop; squash: whole picture to a square
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
@@ -26,24 +27,29 @@ class Preprocessing:
             mean=tuple(float(v) for v in values["mean"]),
             std=tuple(float(v) for v in values["std"]),
             max_tokens=int(values["max_tokens"]),
+            resize=str(values.get("resize", "crop")),  # absent from checkpoints made before the option
         )
 
     def to_dict(self) -> dict:
         values = asdict(self)
         values["mean"], values["std"] = list(self.mean), list(self.std)
+        if self.resize == "crop":
+            del values["resize"]  # the default: keeps feature-cache keys of crop runs as they were
         return values
 
 
 def eval_transform(pre: Preprocessing) -> T.Compose:
-    """Resize the short side, centre-crop, normalise: what evaluation and serving use."""
-    return T.Compose(
-        [
-            T.Resize(pre.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(pre.image_size),
-            T.ToTensor(),
-            T.Normalize(pre.mean, pre.std),
-        ]
-    )
+    """What evaluation and serving use: resize the short side and centre-crop (`resize=crop`), or
+    resize the whole picture to a square (`resize=squash`: nothing at the edges is cut off, at the
+    cost of distorting the aspect ratio); then normalise."""
+    if pre.resize == "crop":
+        resize = [T.Resize(pre.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                  T.CenterCrop(pre.image_size)]
+    elif pre.resize == "squash":
+        resize = [T.Resize((pre.image_size, pre.image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    else:
+        raise ValueError(f"model.image.resize must be crop or squash, got {pre.resize!r}")
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
 def train_transform(pre: Preprocessing, scale: tuple[float, float] = (0.6, 1.0), hflip: bool = True) -> T.Compose:

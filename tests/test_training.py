@@ -217,3 +217,19 @@ def test_frozen_text_features_are_cached_on_disk(shapes_csv, tmp_path, monkeypat
     monkeypatch.setattr(training.batches, "text_prefixes", no_recompute)
     second = Trainer(tiny_cfg(shapes_csv, *overrides), tmp_path / "b").batches.text.values
     torch.testing.assert_close(second, first)
+
+
+def test_squash_resize_keeps_the_edges_that_crop_cuts():
+    from data.transforms import Preprocessing, eval_transform
+
+    image = Image.new("RGB", (96, 32), "white")
+    image.paste((255, 0, 0), (0, 0, 16, 32))  # a red band at the far left of a wide picture
+    crop = eval_transform(Preprocessing(image_size=32, mean=(0, 0, 0), std=(1, 1, 1)))(image)
+    squash = eval_transform(Preprocessing(image_size=32, mean=(0, 0, 0), std=(1, 1, 1), resize="squash"))(image)
+    assert crop.shape == squash.shape == (3, 32, 32)
+    assert crop[1, :, :4].min() > 0.9           # the centre crop lost the red band (green channel stays 1)
+    assert squash[1, :, :4].max() < 0.1         # squashed, the band is still there
+    assert Preprocessing.from_dict(Preprocessing(resize="squash").to_dict()).resize == "squash"
+    assert "resize" not in Preprocessing().to_dict()  # crop, the default, keeps old cache keys and checkpoints
+    with pytest.raises(ValueError, match="crop or squash"):
+        eval_transform(Preprocessing(resize="stretch"))

@@ -51,7 +51,7 @@ def pick_device(name: str) -> torch.device:
 
 def preprocessing_of(model_cfg) -> Preprocessing:
     return Preprocessing(model_cfg.image.image_size, tuple(model_cfg.image.mean), tuple(model_cfg.image.std),
-                         model_cfg.text.max_tokens)
+                         model_cfg.text.max_tokens, model_cfg.image.get("resize", "crop"))
 
 
 def read_samples(data_cfg) -> list:
