@@ -1,12 +1,16 @@
 """evaluation.suite on the tiny recipe: two checkpoints x fake caption-CSV domains, one table.
 
-The command runs in-process through its main() (the same Hydra entry point as `python -m`)."""
+The command runs in-process through its main() (the same Hydra entry point as `python -m`).
+Checkpoints with a fully frozen backbone share its features (one pass per domain and backbone):
+their numbers must still be those of evaluation.evaluate."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,11 +22,25 @@ from omegaconf import OmegaConf
 from conftest import CONFIG_DIR, compose_train
 from data.fixtures import make_shapes_dataset
 from data.readers import read_caption_csv
+from data.records import select_split
 from data.transforms import Preprocessing
 from evaluation.cli import CliError
+from evaluation.embedding import embed_image_paths, embed_texts
 from evaluation.evaluate import evaluate_checkpoint
 from evaluation import suite
-from evaluation.suite import accept_domain_list, run_suite, trained_datasets
+from evaluation.suite import (
+    Backbones,
+    BackboneFeatures,
+    accept_domain_list,
+    backbones_of,
+    embed_prefixes,
+    image_backbone_key,
+    image_prefix_paths,
+    run_suite,
+    text_backbone_key,
+    text_prefixes,
+    trained_datasets,
+)
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.loop import Trainer, trained_dataset_names
 from training.model import build_model
@@ -152,6 +170,18 @@ def test_suite_md_table(suite_run):
     assert trained[3] == trained[4] == "n/a"
     assert not zs[1].endswith("*") and zs[5].endswith("(2)")
     assert "## MRR relative to zero-shot" in text and "×" in text
+    # the compact image->text table: one MRR per available domain, the same marks
+    section = text.split("## Image → text MRR")[1].split("\n## ")[0]
+    i2t = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+           for line in section.splitlines() if line.startswith("| ")}
+    assert i2t["checkpoint"] == ["checkpoint", "shapes_a", "shapes_b"]
+    payload = json.loads((out / "suite.json").read_text())
+    for row in payload["checkpoints"]:
+        for column, domain in ((1, "shapes_a"), (2, "shapes_b")):
+            mrr = row["domains"][domain]["image_to_text"]["MRR"]
+            assert i2t[row["name"]][column].rstrip("*") == f"{mrr:.3f}"
+    assert i2t["trained"][1].endswith("*") and not i2t["trained"][2].endswith("*")
+    assert "## Image → text MRR" in stdout  # printed with the main table
     assert "shapes_a MRR / R@10" in stdout and "held-out mean MRR" in stdout  # the table is printed too
 
 
@@ -181,3 +211,126 @@ def test_training_datasets_recorded_and_inferred():
     assert trained_datasets({}) == (None, "unknown")
     assert accept_domain_list(["x", "domains=[a,b]", "+domains.c={data:d}"]) == ["x", "only=[a,b]",
                                                                                 "+domains.c={data:d}"]
+
+
+# --- shared frozen backbones ------------------------------------------------------------------------
+
+def frozen_model_cfg(**changes):
+    """The tiny recipe with both encoders fully frozen (trainable_stages=0, trainable_layers=0)."""
+    cfg = OmegaConf.load(REPO / "configs/model/tiny.yaml")
+    cfg.image.trainable_stages, cfg.text.trainable_layers = 0, 0
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+FROZEN = {  # name -> (seed of its heads, model config changes)
+    "heads_a": (1, {}),
+    "heads_b": (2, {}),
+    "mix": (3, {"zeroshot.weight": 0.5}),           # a fixed zero-shot readout beside the heads
+    "pooled2": (4, {"image.pooled_stages": 2}),     # same weights, another image output: another backbone
+}
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints of one frozen tiny backbone that differ in their heads (as heads-only runs do)."""
+    root = tmp_path_factory.mktemp("frozen_ckpts")
+    torch.manual_seed(0)
+    base, _ = build_model(frozen_model_cfg())
+    paths = {}
+    for name, (seed, changes) in FROZEN.items():
+        cfg = frozen_model_cfg(**changes)
+        torch.manual_seed(seed)
+        model, tokenizer = build_model(cfg)
+        model.image_encoder.load_state_dict(base.image_encoder.state_dict())
+        model.text_encoder.load_state_dict(base.text_encoder.state_dict())
+        pre = Preprocessing(cfg.image.image_size, tuple(cfg.image.mean), tuple(cfg.image.std), cfg.text.max_tokens)
+        save_checkpoint(root / name, model.eval(), tokenizer, cfg, pre, extra={"datasets": []})
+        paths[name] = root / name
+    return paths
+
+
+def test_backbone_keys(frozen_checkpoints, checkpoints):
+    loaded = {name: load_checkpoint(path) for name, path in frozen_checkpoints.items()}
+    keys = {name: backbones_of(checkpoint) for name, checkpoint in loaded.items()}
+    assert keys["heads_a"].image == keys["heads_b"].image == keys["mix"].image is not None
+    assert keys["pooled2"].image not in (None, keys["heads_a"].image)
+    assert len({k.text for k in keys.values()}) == 1 and keys["heads_a"].text is not None
+    # trainable stages / layers: nothing to share
+    assert backbones_of(load_checkpoint(checkpoints["trained"])) == Backbones(None, None)
+    # the preprocessing and the precision are part of the key
+    checkpoint = loaded["heads_a"]
+    for change in ({"mean": (0.5, 0.5, 0.5)}, {"image_size": 40}):
+        other = dataclasses.replace(checkpoint, preprocessing=dataclasses.replace(checkpoint.preprocessing, **change))
+        assert image_backbone_key(other) != keys["heads_a"].image
+        assert text_backbone_key(other) == keys["heads_a"].text
+    other = dataclasses.replace(checkpoint, preprocessing=dataclasses.replace(checkpoint.preprocessing, max_tokens=8))
+    assert text_backbone_key(other) != keys["heads_a"].text and image_backbone_key(other) == keys["heads_a"].image
+    bf16 = dataclasses.replace(checkpoint, use_bf16=True)
+    assert backbones_of(bf16).image != keys["heads_a"].image and backbones_of(bf16).text != keys["heads_a"].text
+
+
+@pytest.mark.parametrize("use_bf16", [False, True])
+def test_embeddings_from_shared_prefixes_equal_direct_ones(frozen_checkpoints, domain_csvs, use_bf16):
+    paths = [s.image_path for s in read_caption_csv(str(domain_csvs["shapes_a"]))]
+    texts = sorted({c for s in read_caption_csv(str(domain_csvs["shapes_a"])) for c in s.captions})
+    first = dataclasses.replace(load_checkpoint(frozen_checkpoints["heads_a"]), use_bf16=use_bf16)
+    images = image_prefix_paths(first, paths, batch_size=8, num_workers=0, progress=False)
+    captions = text_prefixes(first, texts, batch_size=16, progress=False)
+    assert images.values.dtype == captions.values.dtype == torch.float32 and images.indices == list(range(len(paths)))
+    assert images.dtype == (torch.bfloat16 if use_bf16 else torch.float32)  # fed back to the heads as produced
+    for name in ("heads_a", "heads_b", "mix"):  # one backbone pass, every checkpoint of it
+        checkpoint = dataclasses.replace(load_checkpoint(frozen_checkpoints[name]), use_bf16=use_bf16)
+        direct_images = embed_image_paths(checkpoint, paths, batch_size=8, num_workers=0, progress=False)
+        direct_texts = embed_texts(checkpoint, texts, batch_size=16, progress=False)
+        shared_images = embed_prefixes(checkpoint, checkpoint.model.embed_image_prefix, images, 8)
+        shared_texts = embed_prefixes(checkpoint, checkpoint.model.embed_text_prefix, captions, 16)
+        torch.testing.assert_close(shared_images, direct_images.embeddings, atol=1e-6, rtol=0)
+        torch.testing.assert_close(shared_texts, direct_texts, atol=1e-6, rtol=0)
+
+
+def test_shared_backbones_give_the_numbers_of_evaluate(frozen_checkpoints, checkpoints, domain_csvs, monkeypatch,
+                                                       caplog):
+    passes = {"image": 0, "text": 0}
+
+    def counting(side, function):
+        def wrapper(*args, **kwargs):
+            passes[side] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(suite, "image_prefix_paths", counting("image", suite.image_prefix_paths))
+    monkeypatch.setattr(suite, "text_prefixes", counting("text", suite.text_prefixes))
+    names = [*FROZEN, "trained"]
+    paths = [*frozen_checkpoints.values(), checkpoints["trained"]]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="suite", overrides=[
+            f"checkpoints=[{','.join(map(str, paths))}]", f"names=[{','.join(names)}]", "only=[shapes_a,shapes_b]",
+            "split=test", "progress=false", "num_workers=0", "batch_size=8", *domain_overrides(domain_csvs)])
+    with caplog.at_level(logging.INFO, logger="evaluation"):
+        payload = run_suite(cfg)
+    # one image pass per (domain, image backbone): 2 backbones x 2 domains; one text pass per domain
+    assert passes == {"image": 4, "text": 2}
+    messages = caplog.text
+    assert "3 checkpoints share image backbone" in messages and "heads_a, heads_b, mix" in messages
+    assert "4 checkpoints share text backbone" in messages
+    assert "not fully frozen (embedded end to end): trained" in messages
+    rows = {row["name"]: row for row in payload["checkpoints"]}
+    assert rows["heads_a"]["image_backbone"] == rows["mix"]["image_backbone"] != rows["pooled2"]["image_backbone"]
+    assert rows["trained"]["image_backbone"] is None and rows["trained"]["text_backbone"] is None
+
+    # The same numbers as evaluation.evaluate (no sharing, full forward pass) on the same samples.
+    samples = {"shapes_a": read_caption_csv(str(domain_csvs["shapes_a"])),
+               "shapes_b": select_split(read_caption_csv(str(domain_csvs["shapes_b"])), "test", (0.0, 0.0, 1.0))}
+    for name, path in zip(names, paths):
+        checkpoint = load_checkpoint(path)
+        for domain, domain_samples in samples.items():
+            result = evaluate_checkpoint(checkpoint, domain_samples, ks=(1, 5, 10), num_workers=0, progress=False)
+            entry = rows[name]["domains"][domain]
+            for direction in ("text_to_image", "image_to_text"):
+                expected = result.directions[direction].metrics
+                got = entry["metrics"][direction]
+                assert set(got) == set(expected), (name, domain, direction)
+                for key, value in expected.items():
+                    assert got[key] == pytest.approx(value, abs=1e-6, nan_ok=True), (name, domain, direction, key)
