@@ -36,9 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import litserve as ls
-from fastapi import HTTPException, Path, Query, Request, Security
-from fastapi.responses import JSONResponse
+from fastapi import File, HTTPException, Path, Query, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from litserve.callbacks.base import EventTypes
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
@@ -52,10 +57,15 @@ from serving.schemas import (
     AddImageResponse,
     DeleteImageResponse,
     GalleryInfoResponse,
+    ImageDetailResponse,
     InitializeRequest,
     InitializeResponse,
+    JobResponse,
+    JobStartedResponse,
     ListImagesResponse,
     ReindexResponse,
+    SearchByImageRequest,
+    SearchByImageUploadOptions,
     SearchRequest,
     SearchResponse,
 )
@@ -66,10 +76,38 @@ QUEUE_KEY = "/_gallery"  # the spec's request-queue key; no route is registered 
 USER_ID = Query(min_length=1, max_length=128, description="The id /db/initialize returned.")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key, if it has one.")
 _bearer = HTTPBearer(auto_error=False, description="The server's API key as a bearer token, if it has one.")
+IMAGE_ID = Path(min_length=1, max_length=64, description="An image id of this gallery (another gallery's id is a 404).")
+JOB_ID = Path(min_length=1, max_length=64)
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+UPLOAD_PATHS = ("/images/upload", "/images/search-by-image")  # bodies up to max_upload_bytes
+THUMBNAIL_CACHE_CONTROL = "private, max-age=3600"
+FILE_CACHE_CONTROL = "private, no-cache"  # revalidate with the ETag: the file may change in place
+_IMAGE_CONTENT = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                  "description": "The image bytes (ETag and Cache-Control headers; 304 on a matching If-None-Match)."}
+
+
+def _multipart_schema(model) -> dict:
+    schema = model.model_json_schema()
+    schema["properties"] = {"file": {"type": "string", "format": "binary", "description": "The query image."},
+                            **schema.get("properties", {})}
+    schema["required"] = ["file"]
+    return schema
 
 
 class GallerySpec(LitSpec):
     """Registers the gallery routes; every route feeds the one `GalleryAPI` worker."""
+
+    # Route options LitSpec.add_endpoint cannot pass (applied by `apply_route_options`).
+    ROUTE_OPTIONS = {
+        ("/images/add-folder", "POST"): {"responses": {202: {"model": JobStartedResponse,
+                                                             "description": "background=true: the job was started"}}},
+        ("/images/{image_id}/thumbnail", "GET"): {"response_class": FileResponse, "responses": {200: _IMAGE_CONTENT}},
+        ("/images/{image_id}/file", "GET"): {"response_class": FileResponse, "responses": {200: _IMAGE_CONTENT}},
+        ("/images/search-by-image", "POST"): {"openapi_extra": {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": SearchByImageRequest.model_json_schema()},
+            "multipart/form-data": {"schema": _multipart_schema(SearchByImageUploadOptions)},
+        }}}},
+    }
 
     def __init__(self):
         super().__init__()
@@ -83,8 +121,15 @@ class GallerySpec(LitSpec):
             ("/images/add", self.add_image, ["POST"]),
             ("/images/add-folder", self.add_folder, ["POST"]),
             ("/images/search", self.search, ["POST"]),
+            ("/images/search-by-image", self.search_by_image, ["POST"]),
+            ("/images/upload", self.upload, ["POST"]),
             ("/images", self.list_images, ["GET"]),
+            ("/images/{image_id}", self.image_info, ["GET"]),
             ("/images/{image_id}", self.delete_image, ["DELETE"]),
+            ("/images/{image_id}/thumbnail", self.thumbnail, ["GET"]),
+            ("/images/{image_id}/file", self.image_file, ["GET"]),
+            ("/jobs/{job_id}", self.job, ["GET"]),
+            ("/jobs/{job_id}", self.cancel_job, ["DELETE"]),
         ):
             self.add_endpoint(path, endpoint, methods)
 
@@ -142,19 +187,86 @@ class GallerySpec(LitSpec):
         413 image too large (decompression-bomb guard), 415 not an image, 422 corrupt/truncated."""
         return AddImageResponse(**await self._call("add_image", user_id=user_id, image_path=body.image_path))
 
-    async def add_folder(self, body: AddFolderRequest, user_id: str = USER_ID) -> AddFolderResponse:
+    async def add_folder(self, body: AddFolderRequest, user_id: str = USER_ID,
+                         background: bool = Query(False, description="Run as a job: 202 with its job_id at once.")
+                         ) -> AddFolderResponse:
         """Add every image under a folder, sub-folders included (jpg, jpeg, png, webp, bmp, gif, tif, tiff).
 
         Files that fail are listed with their reason and status while the rest are added.
+        With `background=true` the request is checked the same way, then answered 202 with a
+        `job_id`: follow it with GET /jobs/{job_id}, cancel it with DELETE /jobs/{job_id}.
         Errors: 400 not a folder, 403 outside the allowed roots, 404 missing folder or unknown
         user_id, 409 gallery embedded by another model."""
+        if background:
+            started = await self._call("add_folder_job", user_id=user_id, folder_path=body.folder_path)
+            return JSONResponse(JobStartedResponse(**started).model_dump(), status_code=202)
         return AddFolderResponse(**await self._call("add_folder", user_id=user_id, folder_path=body.folder_path))
 
     async def search(self, body: SearchRequest, user_id: str = USER_ID) -> SearchResponse:
         """Images ranked by cosine similarity to a text query (top_k <= 100, offset paging,
-        optional min_score and folder filter). Errors: 404 unknown user_id, 409 gallery embedded
-        by another model (re-index it), 422 invalid parameters."""
+        optional min_score and folder filter).
+
+        Negative terms: `-word` tokens in `query` and the `negative` text push matching images
+        down: the query vector becomes normalise(q - negative_weight * n), n the normalised mean
+        embedding of the negative texts (as rclip does). Errors: 404 unknown user_id, 409 gallery
+        embedded by another model (re-index it), 422 invalid parameters or only negative terms."""
         return SearchResponse(**await self._call("search", user_id=user_id, **body.model_dump()))
+
+    async def search_by_image(self, request: Request, user_id: str = USER_ID) -> SearchResponse:
+        """Images most similar to an image: a stored one (`{"image_id"}`, left out of its own
+        results), a file on the server (`{"image_path"}`, allowed roots apply), or an uploaded
+        file (multipart/form-data, field `file`, plus optional form fields top_k, offset,
+        min_score, folder). Same response as /images/search. Errors: 404 unknown image id (also
+        another gallery's), 413 file too large, 415 not an image, 422 corrupt or invalid."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=16)
+            upload = form.get("file")
+            if not isinstance(upload, StarletteUploadFile):
+                raise HTTPException(422, "multipart body needs the image in the field 'file'")
+            options = _validated(SearchByImageUploadOptions, {k: v for k, v in form.items() if k != "file"})
+            data = await upload.read()
+            args = {**options.model_dump(), "data": data, "filename": upload.filename}
+        else:
+            try:
+                body = SearchByImageRequest.model_validate_json(await request.body() or b"{}")
+            except ValidationError as error:
+                raise RequestValidationError(error.errors(include_url=False)) from None
+            args = body.model_dump()
+        return SearchResponse(**await self._call("search_by_image", user_id=user_id, **args))
+
+    async def upload(self, file: UploadFile = File(description="An image file (jpg, png, webp, bmp, gif, tiff)."),
+                     user_id: str = USER_ID) -> AddImageResponse:
+        """Upload an image: saved under the store folder (uploads/<user_id>/) and added.
+
+        Errors: 413 over max_upload_bytes (32 MiB by default) or over 89 MP, 415 not an image,
+        422 corrupt, truncated or empty."""
+        data = await file.read()
+        return AddImageResponse(**await self._call("upload", user_id=user_id, data=data, filename=file.filename))
+
+    async def image_info(self, image_id: str = IMAGE_ID, user_id: str = USER_ID) -> ImageDetailResponse:
+        """One stored image: path, size, dates, pixel size."""
+        return ImageDetailResponse(**await self._call("image_info", user_id=user_id, image_id=image_id))
+
+    async def thumbnail(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID):
+        """A JPEG thumbnail (long side `thumbnail_size`, 256 px by default), cached on disk."""
+        info = await self._call("thumbnail", user_id=user_id, image_id=image_id)
+        return _file_response(request, info, THUMBNAIL_CACHE_CONTROL)
+
+    async def image_file(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID):
+        """The original image file, with its content type."""
+        info = await self._call("image_file", user_id=user_id, image_id=image_id)
+        return _file_response(request, info, FILE_CACHE_CONTROL, filename=os.path.basename(info["path"]))
+
+    async def job(self, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
+        """A background job's state (queued, running, done, failed, cancelled) and progress."""
+        return JobResponse(**await self._call("job", user_id=user_id, job_id=job_id))
+
+    async def cancel_job(self, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
+        """Cancel a job: it stops after the batch in hand (every stored batch stays whole and
+        searchable; adding the folder again finishes the rest). A job that already ended is
+        returned unchanged."""
+        return JobResponse(**await self._call("cancel_job", user_id=user_id, job_id=job_id))
 
     async def list_images(self, user_id: str = USER_ID, offset: int = Query(0, ge=0),
                           limit: int = Query(100, ge=1, le=MAX_LIST_LIMIT)) -> ListImagesResponse:
@@ -165,6 +277,52 @@ class GallerySpec(LitSpec):
                            ) -> DeleteImageResponse:
         """Remove one image from the gallery (the file is not touched)."""
         return DeleteImageResponse(**await self._call("delete_image", user_id=user_id, image_id=image_id))
+
+
+def _validated(model, values: dict):
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+def _file_response(request: Request, info: dict, cache_control: str, filename: str | None = None) -> Response:
+    etag = f'"{info["etag"]}"'
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    wanted = [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]
+    if etag in wanted or f"W/{etag}" in wanted:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(info["path"], media_type=info["media_type"], headers=headers, filename=filename,
+                        content_disposition_type="inline")
+
+
+def apply_route_options(app, options: dict) -> None:
+    """Re-create the spec's routes that need options `LitSpec.add_endpoint` cannot pass."""
+    for index, route in enumerate(app.router.routes):
+        if not isinstance(route, APIRoute):
+            continue
+        for method in route.methods:
+            extra = options.get((route.path, method))
+            if extra:
+                app.router.routes[index] = APIRoute(
+                    route.path, route.endpoint, methods=list(route.methods), dependencies=route.dependencies,
+                    name=route.name, **extra)
+
+
+def install_web_page(app) -> None:
+    """The web page at / (replacing LitServe's plain-text index) and its files under /web/.
+
+    They are static files without data, so they need no API key; the page asks for the key
+    when the server has one and sends it with every API call."""
+    app.router.routes[:] = [r for r in app.router.routes
+                            if not (isinstance(r, APIRoute) and r.path == "/" and "GET" in r.methods)]
+
+    async def index() -> FileResponse:
+        return FileResponse(os.path.join(WEB_DIR, "index.html"), media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False, response_class=FileResponse)
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
 
 class GalleryAPI(ls.LitAPI):
@@ -291,21 +449,25 @@ class _Busy:
 
 
 class BodySizeLimit:
-    """Answer 413 to request bodies over `max_bytes` (by Content-Length, or while streaming)."""
+    """Answer 413 to request bodies over `max_bytes` (by Content-Length, or while streaming);
+    the upload routes allow `upload_bytes` (the file limit plus room for the multipart framing)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, upload_bytes: int | None = None, upload_paths=UPLOAD_PATHS):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes or max_bytes
+        self.upload_paths = tuple(upload_paths)
 
-    def _too_large(self) -> str:
-        return f"request body too large (limit {self.max_bytes} bytes)"
+    def _too_large(self, limit: int) -> str:
+        return f"request body too large (limit {limit} bytes)"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_bytes if scope.get("path") in self.upload_paths else self.max_bytes
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await JSONResponse({"detail": self._too_large()}, status_code=413)(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await JSONResponse({"detail": self._too_large(limit)}, status_code=413)(scope, receive, send)
         total = 0
 
         async def limited_receive():
@@ -313,8 +475,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 total += len(message.get("body", b""))
-                if total > self.max_bytes:
-                    raise HTTPException(413, self._too_large())  # FastAPI turns it into the 413 response
+                if total > limit:
+                    raise HTTPException(413, self._too_large(limit))  # FastAPI turns it into the 413 response
             return message
 
         await self.app(scope, limited_receive, send)
@@ -331,9 +493,12 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         workers_per_device=1,  # one store owner; never more
         timeout=settings.timeout,
         fast_queue=settings.fast_queue,
-        middlewares=[(BodySizeLimit, {"max_bytes": settings.max_body_bytes})],
+        middlewares=[(BodySizeLimit, {"max_bytes": settings.max_body_bytes,
+                                      "upload_bytes": settings.max_upload_bytes + 65_536})],
         model_metadata={"app": "smart-gallery", "checkpoint": str(settings.checkpoint)},
     )
+    apply_route_options(server.app, GallerySpec.ROUTE_OPTIONS)
+    install_web_page(server.app)
     server.uvicorn_graceful_timeout = settings.graceful_shutdown_s
     return server
 

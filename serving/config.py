@@ -53,6 +53,8 @@ class ServeSettings:
     timeout: float = 60.0           # seconds a request may wait in the worker queue
     graceful_shutdown_s: float = 3.0
     max_body_bytes: int = 65_536
+    max_upload_bytes: int = 33_554_432  # uploaded image files (POST /images/upload, search-by-image)
+    thumbnail_size: int = 256       # long side of cached thumbnails, pixels
     log_level: str = "info"
     ingest: IngestSettings = field(default_factory=IngestSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
@@ -128,6 +130,10 @@ class ServeSettings:
             raise ConfigError("ingest.batch_size must be >= 1 and ingest.prefetch_batches >= 0")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1024")
+        if self.max_upload_bytes < 1024:
+            raise ConfigError("max_upload_bytes must be at least 1024")
+        if not 32 <= int(self.thumbnail_size) <= 2048:
+            raise ConfigError("thumbnail_size must be in 32..2048")
         for root in self.allowed_roots:
             path = Path(root).expanduser()
             if not path.is_absolute():

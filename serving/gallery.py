@@ -12,20 +12,63 @@ An empty collection simply adopts the server's model. Listing and deleting still
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import threading
 import time
+import uuid
+from pathlib import Path
+
+import numpy as np
 
 from serving.config import ServeSettings
-from serving.errors import GalleryError, bad_request, conflict, not_found
-from serving.ingest import IngestReport, Ingestor, scan_folder, stat_file
+from serving.errors import GalleryError, bad_request, conflict, forbidden, not_found
+from serving.ingest import FileEntry, IngestReport, Ingestor, decode_file, scan_folder, stat_file
+from serving.jobs import JobManager
 from serving.paths import PathPolicy
-from serving.schemas import DEFAULT_TOP_K, MAX_LIST_LIMIT, MAX_OFFSET, MAX_TOP_K
+from serving.schemas import DEFAULT_NEGATIVE_WEIGHT, DEFAULT_TOP_K, MAX_LIST_LIMIT, MAX_OFFSET, MAX_TOP_K
 from serving.store import GalleryStore, UnknownUserError, User
+from serving.thumbnails import THUMBNAIL_DIR, ThumbnailCache, file_etag, media_type
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = ("initialize", "add_image", "add_folder", "search", "list_images", "delete_image", "reindex", "info")
+OPERATIONS = ("initialize", "add_image", "add_folder", "search", "list_images", "delete_image", "reindex", "info",
+              "image_info", "image_file", "thumbnail", "search_by_image", "upload", "add_folder_job", "job",
+              "cancel_job")
+UPLOAD_DIR = "uploads"
+TMP_DIR = "tmp"
+UPLOAD_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
+                  "MPO": ".jpg"}
+
+
+def split_negatives(query: str, negative: str | None = None) -> tuple[str, list[str]]:
+    """`"beach -people -dog"` -> ("beach", ["people", "dog"]); `negative` is one more negative text.
+
+    A token is negative when it starts with one `-` followed by a letter or digit, so "t-shirt",
+    "-" and "--" stay in the query as written."""
+    positive, negatives = [], []
+    for token in query.split():
+        if re.match(r"^-[^\W_]", token):
+            negatives.append(token[1:])
+        else:
+            positive.append(token)
+    if negative and negative.strip():
+        negatives.append(negative.strip())
+    return " ".join(positive), negatives
+
+
+def _normalise(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _safe_stem(filename: str | None) -> str:
+    stem = Path(filename or "").stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:60]
+    return stem or "upload"
 
 
 class Gallery:
@@ -36,6 +79,12 @@ class Gallery:
         self.policy = policy
         self.model_id = embedder.model_id
         self.stop = stop or threading.Event()
+        self.max_upload_bytes = int(settings.max_upload_bytes)
+        self.uploads_dir = store.path / UPLOAD_DIR
+        self.tmp_dir = store.path / TMP_DIR
+        self.thumbnails = ThumbnailCache(store.path / THUMBNAIL_DIR, settings.thumbnail_size,
+                                         max_pixels=settings.ingest.max_image_pixels)
+        self.jobs = JobManager()
         ingest = settings.ingest
         self.ingestor = Ingestor(
             store, embedder, policy, batch_size=ingest.batch_size,
@@ -54,12 +103,17 @@ class Gallery:
         except BaseException:
             store.close()
             raise
-        gallery = cls(store, embedder, PathPolicy(settings.allowed_roots), settings, stop)
+        roots = list(settings.allowed_roots)
+        if roots:  # uploads are files the server itself wrote: always readable
+            roots.append(str(store.path / UPLOAD_DIR))
+            (store.path / UPLOAD_DIR).mkdir(exist_ok=True)
+        gallery = cls(store, embedder, PathPolicy(roots), settings, stop)
         gallery.warn_mismatched()
         return gallery
 
     def close(self) -> None:
         self.stop.set()
+        self.jobs.shutdown()
         close = getattr(self.embedder, "close", None)
         if close:
             close()
@@ -148,11 +202,7 @@ class Gallery:
     def add_folder(self, user_id: str, folder_path: str) -> dict:
         user = self._user(user_id)
         self._require_model(user)
-        folder = self.policy.resolve(folder_path, "folder_path")
-        if not folder.exists():
-            raise not_found(f"no such folder: {folder}")
-        if not folder.is_dir():
-            raise bad_request(f"not a folder (to add one file use /images/add): {folder}")
+        folder = self._folder(folder_path)
         started = time.perf_counter()
         report = IngestReport()
         entries = scan_folder(folder, self.policy, report)
@@ -166,26 +216,231 @@ class Gallery:
                     len(report.failures), seconds)
         return out
 
-    def search(self, user_id: str, query: str, top_k: int = DEFAULT_TOP_K, offset: int = 0,
-               min_score: float | None = None, folder: str | None = None) -> dict:
-        if not isinstance(query, str) or not query.strip():
-            raise GalleryError(422, "query is empty")
+    def _folder_filter(self, folder: str | None) -> str | None:
+        return str(self.policy.resolve(folder, "folder")) if folder else None
+
+    def _ranked(self, user: User, vector: np.ndarray, top_k: int, offset: int, min_score: float | None,
+                folder: str | None, exclude: str | None = None) -> tuple[list[dict], int]:
+        """One page of the images nearest to `vector` (leaving out the image `exclude`)."""
         if not 1 <= int(top_k) <= MAX_TOP_K or not 0 <= int(offset) <= MAX_OFFSET:
             raise GalleryError(422, f"top_k must be 1..{MAX_TOP_K} and offset 0..{MAX_OFFSET}")
-        user = self._user(user_id)
-        self._require_model(user)
-        folder_path = str(self.policy.resolve(folder, "folder")) if folder else None
+        folder_path = self._folder_filter(folder)
         total = self.store.count(user)
         results = []
         if total:
-            vector = self.embedder.embed_query(query)
-            hits = self.store.query(user, vector, min(offset + top_k, total), folder=folder_path)
+            wanted = offset + top_k + (1 if exclude else 0)
+            hits = self.store.query(user, vector, min(wanted, total), folder=folder_path)
+            if exclude:
+                hits = [hit for hit in hits if hit[0].id != exclude]
             for rank, (record, score) in enumerate(hits[offset:offset + top_k], start=offset + 1):
                 if min_score is not None and score < min_score:
                     break
                 results.append({"rank": rank, "id": record.id, "path": record.path, "score": score})
-        return {"query": query, "results": results, "top_k": top_k, "offset": offset, "total_images": total,
-                "model_id": self.model_id}
+        return results, total
+
+    def search(self, user_id: str, query: str, top_k: int = DEFAULT_TOP_K, offset: int = 0,
+               min_score: float | None = None, folder: str | None = None, negative: str | None = None,
+               negative_weight: float = DEFAULT_NEGATIVE_WEIGHT) -> dict:
+        """Text search. Negative terms (`-word` in the query, or `negative`) are subtracted rclip
+        style: q' = normalise(q - w * n), with n the normalised mean of the negative texts'
+        embeddings and w = `negative_weight`, so images close to them rank lower."""
+        if not isinstance(query, str) or not query.strip():
+            raise GalleryError(422, "query is empty")
+        positive, negatives = split_negatives(query, negative)
+        if not positive:
+            raise GalleryError(422, "the query has only negative terms (-word); say what to look for too")
+        if not 0.0 <= float(negative_weight) <= 2.0:
+            raise GalleryError(422, "negative_weight must be 0..2")
+        if not 1 <= int(top_k) <= MAX_TOP_K or not 0 <= int(offset) <= MAX_OFFSET:
+            raise GalleryError(422, f"top_k must be 1..{MAX_TOP_K} and offset 0..{MAX_OFFSET}")
+        user = self._user(user_id)
+        self._require_model(user)
+        results, total = [], self.store.count(user)
+        if not total:
+            self._folder_filter(folder)  # the same validation as with images
+        else:
+            vector = _normalise(self.embedder.embed_query(positive))
+            if negatives and negative_weight > 0:
+                away = _normalise(np.mean([_normalise(self.embedder.embed_query(t)) for t in negatives], axis=0))
+                vector = _normalise(vector - float(negative_weight) * away)
+            results, total = self._ranked(user, vector, top_k, offset, min_score, folder)
+        return {"query": query, "negative_terms": negatives, "results": results, "top_k": top_k, "offset": offset,
+                "total_images": total, "model_id": self.model_id}
+
+    # ---------------------------------------------------------------- images by id
+
+    def _record(self, user: User, image_id: str):
+        record = self.store.get_records(user, [image_id]).get(image_id) if isinstance(image_id, str) else None
+        if record is None:  # another gallery's id answers the same: ids are not confirmed
+            raise not_found(f"no image with id {image_id!r} in this gallery")
+        return record
+
+    def _readable(self, record) -> Path:
+        path = Path(record.path)
+        if not self.policy.allows(path.resolve()):
+            raise forbidden(f"{record.path} is outside the folders this server may read now")
+        return path
+
+    def image_info(self, user_id: str, image_id: str) -> dict:
+        user = self._user(user_id)
+        record = self._record(user, image_id)
+        out = {**record.public(), "modified_at": record.mtime_ns / 1e9, "width": None, "height": None,
+               "media_type": media_type(record.path), "exists": os.path.isfile(record.path)}
+        if out["exists"]:
+            try:
+                from PIL import Image
+
+                with Image.open(record.path) as image:
+                    out["width"], out["height"] = image.size
+            except Exception:  # the header is unreadable now; the record stays as it is
+                pass
+        return out
+
+    def image_file(self, user_id: str, image_id: str) -> dict:
+        user = self._user(user_id)
+        record = self._record(user, image_id)
+        path = self._readable(record)
+        etag, stat = file_etag(path)
+        return {"path": str(path), "media_type": media_type(path), "etag": etag, "size": stat.st_size}
+
+    def thumbnail(self, user_id: str, image_id: str) -> dict:
+        user = self._user(user_id)
+        record = self._record(user, image_id)
+        path = self._readable(record)
+        thumb, etag = self.thumbnails.get(record.id, str(path))
+        return {"path": str(thumb), "media_type": "image/jpeg", "etag": etag}
+
+    # ---------------------------------------------------------------- search by image, upload
+
+    def _write_tmp(self, data: bytes) -> Path:
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise GalleryError(422, "the uploaded file is empty")
+        if len(data) > self.max_upload_bytes:
+            raise GalleryError(413, f"uploaded file too large ({len(data)} bytes, limit {self.max_upload_bytes})")
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.upload"
+        tmp.write_bytes(data)
+        return tmp
+
+    def _decode_tmp(self, tmp: Path, shown: str):
+        """(pixels, PIL format) of an uploaded file, or its 413/415/422 with the name the user sent."""
+        stat = tmp.stat()
+        decoded = decode_file(FileEntry(str(tmp), stat.st_size, stat.st_mtime_ns), self.embedder.transform,
+                              self.embedder.preprocessing.image_size, self.ingestor.max_image_pixels)
+        if decoded.error is not None:
+            raise GalleryError(decoded.error.status_code, decoded.error.detail.replace(str(tmp), shown))
+        from PIL import Image
+
+        with Image.open(tmp) as image:
+            fmt = image.format
+        return decoded, fmt
+
+    def search_by_image(self, user_id: str, image_id: str | None = None, image_path: str | None = None,
+                        data: bytes | None = None, filename: str | None = None, top_k: int = DEFAULT_TOP_K,
+                        offset: int = 0, min_score: float | None = None, folder: str | None = None) -> dict:
+        """Images nearest to a stored image (itself left out), a file on the server, or an upload."""
+        given = [name for name, value in (("image_id", image_id), ("image_path", image_path), ("file", data))
+                 if value is not None]
+        if len(given) != 1:
+            raise GalleryError(422, "give exactly one of image_id, image_path or an uploaded file (multipart field 'file')")
+        user = self._user(user_id)
+        self._require_model(user)
+        exclude = None
+        if image_id is not None:
+            self._record(user, image_id)
+            vector = self.store.get_embedding(user, image_id)
+            if vector is None:
+                raise not_found(f"no image with id {image_id!r} in this gallery")
+            query, exclude = f"image:{image_id}", image_id
+        elif image_path is not None:
+            entry = stat_file(self.policy.resolve(image_path, "image_path"))
+            decoded = decode_file(entry, self.embedder.transform, self.embedder.preprocessing.image_size,
+                                  self.ingestor.max_image_pixels)
+            if decoded.error is not None:
+                raise decoded.error
+            vector = self.embedder.embed_images([decoded.pixels])[0]
+            query = f"path:{entry.path}"
+        else:
+            shown = filename or "upload"
+            tmp = self._write_tmp(data)
+            try:
+                decoded, _ = self._decode_tmp(tmp, shown)
+            finally:
+                tmp.unlink(missing_ok=True)
+            vector = self.embedder.embed_images([decoded.pixels])[0]
+            query = f"upload:{shown}"
+        results, total = self._ranked(user, _normalise(vector), top_k, offset, min_score, folder, exclude)
+        return {"query": query, "negative_terms": [], "results": results, "top_k": top_k, "offset": offset,
+                "total_images": total, "model_id": self.model_id}
+
+    def upload(self, user_id: str, data: bytes, filename: str | None = None) -> dict:
+        """Save an uploaded image under uploads/<user_id>/ in the store folder, then add it.
+
+        The file is named by its content (sha256 prefix) and its original name; the extension
+        follows the decoded format. 413 too large, 415 not an image, 422 corrupt or empty."""
+        user = self._user(user_id)
+        self._require_model(user)
+        shown = filename or "upload"
+        tmp = self._write_tmp(data)
+        try:
+            _, fmt = self._decode_tmp(tmp, shown)
+            extension = UPLOAD_FORMATS.get(fmt or "")
+            if extension is None:
+                raise GalleryError(415, f"unsupported image format {fmt} in {shown}; supported: "
+                                        f"{', '.join(sorted(set(UPLOAD_FORMATS) - {'MPO'}))}")
+            digest = hashlib.sha256(data).hexdigest()
+            folder = self.uploads_dir / user.user_id
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{digest[:16]}-{_safe_stem(filename)}{extension}"
+            fresh = not target.exists()
+            if fresh:
+                os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        entry = stat_file(target.resolve())
+        report = self.ingestor.ingest(user, [entry], IngestReport())
+        outcome = report.outcomes[entry.id]
+        owner = outcome.get("duplicate_of")
+        if outcome["status"] == "failed" or (owner is not None and fresh):
+            target.unlink(missing_ok=True)  # not stored: do not keep the file
+        if outcome["status"] == "failed":
+            raise outcome["error"]
+        return {
+            "status": outcome["status"], "id": entry.id, "path": entry.path,
+            "duplicate_of": {"id": owner.id, "path": owner.path} if owner else None,
+        }
+
+    # ---------------------------------------------------------------- background add-folder
+
+    def _folder(self, folder_path: str) -> Path:
+        folder = self.policy.resolve(folder_path, "folder_path")
+        if not folder.exists():
+            raise not_found(f"no such folder: {folder}")
+        if not folder.is_dir():
+            raise bad_request(f"not a folder (to add one file use /images/add): {folder}")
+        return folder
+
+    def add_folder_job(self, user_id: str, folder_path: str) -> dict:
+        """Check the request like add_folder, then run it as a background job; returns its id."""
+        user = self._user(user_id)
+        self._require_model(user)
+        folder = self._folder(folder_path)
+
+        def work(job):
+            entries = scan_folder(folder, self.policy, job.report)
+            job.total = len(entries)
+            self.ingestor.ingest(self._user(user_id), entries, job.report, progress=job.advance, cancel=job.cancel)
+
+        job = self.jobs.submit(user.user_id, "add-folder", str(folder), work)
+        return {"job_id": job.job_id, "state": job.state}
+
+    def job(self, user_id: str, job_id: str) -> dict:
+        self._user(user_id)
+        return self.jobs.get(user_id, job_id).public()
+
+    def cancel_job(self, user_id: str, job_id: str) -> dict:
+        self._user(user_id)
+        return self.jobs.cancel(user_id, job_id).public()
 
     def list_images(self, user_id: str, offset: int = 0, limit: int = 100) -> dict:
         if not 1 <= int(limit) <= MAX_LIST_LIMIT or int(offset) < 0:
@@ -203,6 +458,7 @@ class Gallery:
             if record is None:
                 raise not_found(f"no image with id {image_id!r} in this gallery")
             self.store.delete(user, [image_id])
+        self.thumbnails.remove(image_id)
         return {"deleted": {"id": record.id, "path": record.path}}
 
     def reindex(self, user_id: str, force: bool = False) -> dict:

@@ -224,11 +224,16 @@ class Ingestor:
     def _decode(self, entry: FileEntry) -> Decoded:
         return decode_file(entry, self.embedder.transform, self.embedder.preprocessing.image_size, self.max_image_pixels)
 
-    def _check_stop(self):
+    def _check_stop(self, cancel: threading.Event | None = None):
         if self.stop.is_set():
             raise IngestCancelled("the server is shutting down; the batches stored so far are kept")
+        if cancel is not None and cancel.is_set():
+            raise IngestCancelled("cancelled; the batches stored so far are kept")
 
-    def ingest(self, user: User, entries: list[FileEntry], report: IngestReport) -> IngestReport:
+    def ingest(self, user: User, entries: list[FileEntry], report: IngestReport,
+               progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> IngestReport:
+        """Add `entries` batch by batch. `progress(n)` is called with the number of files handled
+        (unchanged ones first, then after each stored batch); `cancel` stops between batches."""
         existing = self.store.get_records(user, [e.id for e in entries])
         todo = []
         for entry in entries:
@@ -238,10 +243,15 @@ class Ingestor:
                 report.outcomes[entry.id] = {"status": "unchanged", "record": record}
             else:
                 todo.append(entry)
+        if progress is not None and len(entries) > len(todo):
+            progress(len(entries) - len(todo))
+        self._check_stop(cancel)
         for batch in self.pipeline.run(todo):
-            self._check_stop()
+            self._check_stop(cancel)
             with self.store.user_lock(user.user_id):
                 self._store_batch(user, batch, report)
+            if progress is not None:
+                progress(len(batch))
         return report
 
     def _store_batch(self, user: User, batch: list[Decoded], report: IngestReport) -> None:

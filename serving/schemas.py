@@ -15,6 +15,7 @@ MAX_TOP_K = 100
 MAX_OFFSET = 1000
 MAX_LIST_LIMIT = 1000
 MAX_PATH_CHARS = 4096
+DEFAULT_NEGATIVE_WEIGHT = 0.7
 
 
 class _Request(BaseModel):
@@ -47,6 +48,34 @@ class SearchRequest(_Request):
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results with a lower cosine score.")
     folder: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS,
                                description="Only images under this absolute folder (any depth).")
+    negative: str | None = Field(
+        None, max_length=1000, examples=["people"],
+        description="Push images matching this text down (rclip style). `-word` tokens in `query` add to it.")
+    negative_weight: float = Field(
+        DEFAULT_NEGATIVE_WEIGHT, ge=0.0, le=2.0,
+        description="The query vector is normalise(q - weight * n), n the negative text's embedding.")
+
+
+class SearchByImageRequest(_Request):
+    """Exactly one of `image_id` (a stored image of this gallery) or `image_path` (a file on the
+    server, under the allowed roots). To search by an uploaded file, send multipart/form-data
+    with the file in the field `file` (and top_k, offset, min_score, folder as form fields)."""
+    image_id: str | None = Field(None, min_length=1, max_length=64, description="A stored image of this gallery.")
+    image_path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS,
+                                   description="Absolute path on the server (allowed-roots policy applies).")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="Results per page.")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Results to skip (paging).")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results with a lower cosine score.")
+    folder: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS,
+                               description="Only images under this absolute folder (any depth).")
+
+
+class SearchByImageUploadOptions(_Request):
+    """The form fields that may come with an uploaded query image (multipart/form-data)."""
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    folder: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
 
 
 # ---------------------------------------------------------------- responses
@@ -107,7 +136,8 @@ class SearchResult(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: str
+    query: str = Field(description="The query as sent (for a search by image: `image:<id>`, `path:<path>` or `upload:<name>`).")
+    negative_terms: list[str] = Field(default_factory=list, description="Negative texts that were subtracted.")
     results: list[SearchResult]
     top_k: int
     offset: int
@@ -121,6 +151,14 @@ class ImageInfo(BaseModel):
     size: int
     sha256: str
     added_at: float
+
+
+class ImageDetailResponse(ImageInfo):
+    modified_at: float = Field(description="The file's modification time when it was indexed (Unix seconds).")
+    width: int | None = Field(description="Pixels, read from the file now (null if it cannot be read).")
+    height: int | None
+    media_type: str
+    exists: bool = Field(description="False when the file is gone since it was indexed.")
 
 
 class ListImagesResponse(BaseModel):
@@ -152,3 +190,29 @@ class GalleryInfoResponse(BaseModel):
     server_model_id: str
     needs_reindex: bool
     images: int
+
+
+class JobStartedResponse(BaseModel):
+    job_id: str = Field(description="Poll GET /jobs/{job_id}?user_id=...; cancel with DELETE.")
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobResponse(BaseModel):
+    job_id: str
+    kind: Literal["add-folder"]
+    folder: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    total: int = Field(description="Image files found (known once the folder walk finished; 0 before).")
+    done: int = Field(description="Files handled so far (added, updated, unchanged, duplicate or failed).")
+    added: int
+    updated: int
+    unchanged: int
+    duplicates: int
+    failed: int
+    ignored: int
+    failed_files: list[FailedFile]
+    images_per_second: float = Field(description="Files handled per second since the job started.")
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None = Field(None, description="Why the job failed (state failed).")

@@ -280,6 +280,12 @@ class GalleryStore:
                 found.setdefault(record.sha256, []).append(record)
         return found
 
+    def get_embedding(self, user: User, record_id: str) -> np.ndarray | None:
+        got = self.collection(user).get(ids=[record_id], include=["embeddings"])
+        if not got["ids"]:
+            return None
+        return np.asarray(got["embeddings"][0], dtype=np.float32)
+
     def upsert(self, user: User, records: list[ImageRecord], embeddings: np.ndarray, collection=None) -> None:
         """One transaction per call: whole records or none."""
         if not records:
