@@ -27,20 +27,11 @@ from data.transforms import Preprocessing
 from evaluation.cli import CliError
 from evaluation.embedding import embed_image_paths, embed_texts
 from evaluation.evaluate import evaluate_checkpoint
-from evaluation import suite
-from evaluation.suite import (
-    Backbones,
-    BackboneFeatures,
-    accept_domain_list,
-    backbones_of,
-    embed_prefixes,
-    image_backbone_key,
-    image_prefix_paths,
-    run_suite,
-    text_backbone_key,
-    text_prefixes,
-    trained_datasets,
-)
+from evaluation import shared_features, suite
+from evaluation.backbone_keys import Backbones, backbones_of, image_backbone_key, text_backbone_key
+from evaluation.domains import trained_datasets
+from evaluation.shared_features import embed_prefixes, image_prefix_paths, text_prefixes
+from evaluation.suite import accept_domain_list, run_suite
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.loop import Trainer, trained_dataset_names
 from training.model import build_model
@@ -300,8 +291,8 @@ def test_shared_backbones_give_the_numbers_of_evaluate(frozen_checkpoints, check
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(suite, "image_prefix_paths", counting("image", suite.image_prefix_paths))
-    monkeypatch.setattr(suite, "text_prefixes", counting("text", suite.text_prefixes))
+    monkeypatch.setattr(shared_features, "image_prefix_paths", counting("image", shared_features.image_prefix_paths))
+    monkeypatch.setattr(shared_features, "text_prefixes", counting("text", shared_features.text_prefixes))
     names = [*FROZEN, "trained"]
     paths = [*frozen_checkpoints.values(), checkpoints["trained"]]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
