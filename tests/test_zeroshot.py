@@ -134,3 +134,32 @@ def test_training_with_a_fixed_readout_moves_only_the_heads(shapes_csv, tmp_path
     assert math.isclose(trainer.model.zeroshot_weight, 0.5)
     loaded = load_checkpoint(tmp_path / "run" / "last", device="cpu", bf16=False)
     assert loaded.model.zeroshot_weight == 0.5 and loaded.model.embed_dim == 32 + loaded.model.text_encoder.out_dim
+
+
+def test_train_weight_applies_in_training_mode_and_weight_when_embedding():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(0.9)
+    cfg.zeroshot.train_weight = 0.5
+    model, tokenizer = build_model(cfg)
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = tokenize(tokenizer, ["a red circle", "a blue square"], 16)
+
+    def mixed(weight):
+        features = model.image_encoder(pixels)
+        words = model.text_encoder(tokens["input_ids"], tokens["attention_mask"])
+        heads = F.normalize(model.image_head(features), dim=-1) @ F.normalize(model.text_head(words), dim=-1).T
+        return (1 - weight) * heads + weight * (model.readout(features) @ F.normalize(words, dim=-1).T)
+
+    def cosines():
+        return model.encode_image(pixels) @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
+
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(cosines(), mixed(0.9), atol=1e-5, rtol=1e-4)
+        model.train()
+        assert model.image_head.mlp is None  # tiny's heads are linear: no dropout, training mode is deterministic
+        torch.testing.assert_close(cosines(), mixed(0.5), atol=1e-5, rtol=1e-4)
+    bad = tiny_cfg(1.0)
+    bad.zeroshot.train_weight = 0.5
+    with pytest.raises(ValueError, match="train_weight"):
+        build_model(bad)

@@ -54,19 +54,29 @@ class DualEncoder(nn.Module):
     a cosine is (1-w) * head cosine + w * readout cosine. The readout is fixed: training moves
     only the heads, and what the backbones knew before training keeps weight w everywhere.
     With w = 1 there are no heads: the zero-shot model.
+
+    `train_zeroshot_weight` is the share used in training mode (default: w). Training at a high
+    w starves the heads: their part of every logit is (1-w) * logit_scale, and the scale is capped
+    at 100, so they learn with a softened loss. Training at a lower weight and embedding at w
+    keeps both: the heads learn at full strength, the readout keeps its say when searching.
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, embed_dim: int,
                  head_hidden_dim: int = 0, head_dropout: float = 0.0, init_temperature: float = 0.07,
-                 readout: ZeroShotReadout | None = None, zeroshot_weight: float = 0.0):
+                 readout: ZeroShotReadout | None = None, zeroshot_weight: float = 0.0,
+                 train_zeroshot_weight: float | None = None):
         super().__init__()
         if not 0.0 <= zeroshot_weight <= 1.0 or (zeroshot_weight > 0) != (readout is not None):
             raise ValueError(f"zeroshot weight must be in [0, 1] and > 0 exactly when a readout is given, "
                              f"got {zeroshot_weight}")
+        train_zeroshot_weight = zeroshot_weight if train_zeroshot_weight is None else train_zeroshot_weight
+        if not 0.0 <= train_zeroshot_weight <= 1.0 or (train_zeroshot_weight == 1.0) != (zeroshot_weight == 1.0):
+            raise ValueError(f"zeroshot train_weight must be in [0, 1), or 1 with weight 1; got {train_zeroshot_weight}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.readout = readout
         self.zeroshot_weight = zeroshot_weight
+        self.train_zeroshot_weight = train_zeroshot_weight
         self.has_heads = zeroshot_weight < 1.0
         if self.has_heads:
             self.image_head = ProjectionHead(image_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
@@ -97,7 +107,7 @@ class DualEncoder(nn.Module):
             return F.normalize(projected.float(), dim=-1)
         if projected is None:
             return readout
-        w = self.zeroshot_weight
+        w = self.train_zeroshot_weight if self.training else self.zeroshot_weight
         return torch.cat([math.sqrt(1.0 - w) * F.normalize(projected.float(), dim=-1), math.sqrt(w) * readout], dim=-1)
 
     @torch.no_grad()
@@ -209,6 +219,6 @@ def build_model(cfg, pretrained: bool = True, bert_config: dict | None = None):
                                 compute=pretrained)
     model = DualEncoder(
         image_encoder, text_encoder, cfg.embed_dim, cfg.head.hidden_dim, cfg.head.dropout, cfg.init_temperature,
-        readout, float(zeroshot["weight"]),
+        readout, float(zeroshot["weight"]), zeroshot.get("train_weight"),
     )
     return model, tokenizer
