@@ -24,9 +24,9 @@ else
   build="$target"
   [ "$target" != ".venv" ] && build="$target.partial"
   "$PYTHON" -m venv "$build"
-  "$build/bin/pip" install --quiet --upgrade pip
-  # Dependencies only: the code runs from the checkout (python -m ...), so one cached
-  # environment serves every clone. torch/torchvision come from this machine's local disk.
+  "$build/bin/pip" install --quiet --upgrade pip "setuptools>=68"
+  # Dependencies only (the checkout itself is linked in below, outside this cached step), so
+  # one cached environment serves every clone. torch/torchvision come from this machine's local disk.
   "$build/bin/python" - <<'PY' > "$build/requirements.txt"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -41,3 +41,15 @@ if [ "$target" != ".venv" ]; then
   rm -rf .venv
   ln -s "$target" .venv
 fi
+
+# The checkout itself, as an editable install without dependencies: `python -m serving`,
+# `python -m training.train` ... then work from any folder, and .venv/bin gets the console
+# scripts of pyproject.toml (smart-gallery, smart-gallery-serve, smart-gallery-reindex).
+# Rewritten on every run, so an environment shared by several clones (the cache above) points
+# at the clone whose setup.sh ran last; code run from a checkout's root folder still imports
+# that checkout first.
+if ! log=$(.venv/bin/pip install --no-deps --no-build-isolation --editable . 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi
+echo "this checkout is installed (editable) in $(readlink -f .venv)"

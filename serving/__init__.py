@@ -7,7 +7,11 @@
     embedder.py   the checkpoint as an embedder, with query micro-batching
     ingest.py     walk, hash, decode+embed pipeline, dedup rules
     gallery.py    every API operation as a method (model-id checks, re-index)
+    thumbnails.py JPEG thumbnails cached on disk under the store folder (ETag = file version)
+    jobs.py       background jobs (add-folder): state, progress, cancel
     api.py        GallerySpec + GalleryAPI: all routes feeding one store-owning LitServe worker
+    web/          the web page at / (plain HTML, CSS and JavaScript; no build step)
     __main__.py   `python -m serving checkpoint=...`
     reindex.py    `python -m serving.reindex checkpoint=...`
+    cli.py        `python -m serving.cli index FOLDER --gallery NAME` / `search "QUERY" --gallery NAME`
 """
