@@ -66,6 +66,8 @@ def test_class_embeddings_average_templates_and_names():
     dog = F.normalize(sum(one(t) for t in ["dog", "a photo of a dog", "hound", "a photo of a hound"]), dim=0)
     torch.testing.assert_close(embeddings[0], dog, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))
+    centred = class_text_embeddings(encoder, tokenizer, texts, ["{}", "a photo of a {}"], 16, center=True)
+    torch.testing.assert_close(centred, embeddings - embeddings.mean(0))   # p @ E - mean(E) for any p
 
 
 def test_fixed_part_embedding_mixes_cosines_by_weight():

@@ -55,8 +55,14 @@ def imagenet_class_texts(names: str) -> list[list[str]]:
 
 @torch.no_grad()
 def class_text_embeddings(text_encoder, tokenizer, class_texts: list[list[str]], templates: list[str],
-                          max_tokens: int, batch_size: int = 512) -> torch.Tensor:
-    """[classes, D]: per class, the normalised mean of its (template x name) text embeddings."""
+                          max_tokens: int, batch_size: int = 512, center: bool = False) -> torch.Tensor:
+    """[classes, D]: per class, the normalised mean of its (template x name) text embeddings.
+
+    `center` subtracts the mean over classes. Every class name shares a large common direction
+    in the text space, so uncentred readouts of all images point almost the same way and their
+    cosines with a query differ little; centred, the readout is p @ E - mean(E) (p sums to 1),
+    which ranks the same way per class but spreads images apart.
+    """
     from data.transforms import tokenize
 
     prompts = [[template.format(text) for text in texts for template in templates] for texts in class_texts]
@@ -72,7 +78,8 @@ def class_text_embeddings(text_encoder, tokenizer, class_texts: list[list[str]],
     sizes = torch.tensor([len(group) for group in prompts])
     owner = torch.repeat_interleave(torch.arange(len(prompts)), sizes)
     sums = torch.zeros(len(prompts), embeddings.shape[1]).index_add_(0, owner, embeddings)
-    return F.normalize(sums, dim=-1)
+    embeddings = F.normalize(sums, dim=-1)
+    return embeddings - embeddings.mean(0) if center else embeddings
 
 
 class ZeroShotReadout(nn.Module):
@@ -111,7 +118,8 @@ def build_readout(cfg, classifier: nn.Linear, text_encoder, tokenizer, max_token
     if compute:
         class_texts = imagenet_class_texts(cfg.class_names)
         log.info("zero-shot readout: embedding %d class names x %d templates", len(class_texts), len(cfg.templates))
-        embeddings = class_text_embeddings(text_encoder, tokenizer, class_texts, list(cfg.templates), max_tokens)
+        embeddings = class_text_embeddings(text_encoder, tokenizer, class_texts, list(cfg.templates), max_tokens,
+                                           center=bool(cfg.get("center", False)))
     else:
         embeddings = torch.zeros(classifier.out_features, text_encoder.out_dim)
     return ZeroShotReadout(classifier, embeddings, cfg.temperature)
