@@ -202,5 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def run() -> None:
+    """Entry point (`python -m serving.cli`, the `smart-gallery` script): exits without running the
+    interpreter's teardown, in which native threads of the store and the model libraries have
+    aborted the process ("terminate called without an active exception") after the work was
+    done. Every store write is committed by then and the store was closed."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -187,3 +187,19 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(env):
     failed = {os.path.basename(f["path"]): f["status"] for f in report["failed_files"]}
     assert failed == {"escape.jpg": 403, "fake.jpg": 415, "truncated.jpg": 422, "bomb.png": 413}
     assert report["added"] == 8 and report["unchanged"] == 1 and report["ignored"] == 1
+
+
+def test_web_page_needs_no_key_but_its_data_does(env):
+    client, root = env["client"], env["root"]
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Smart Gallery" in page.text and "litserve running" not in page.text
+    assert client.get("/web/app.js").status_code == 200 and client.get("/web/style.css").status_code == 200
+    assert client.get("/web/../api.py").status_code == 404
+    uid = new_user(client, "web")
+    added = post(client, "/images/add", {"image_path": str(root / "album" / "a4.jpg")}, user_id=uid).json()
+    for path in (f"/images/{added['id']}/thumbnail", f"/images/{added['id']}/file", f"/jobs/abc"):
+        assert client.get(path, params={"user_id": uid}).status_code == 401, path
+    assert client.get(f"/images/{added['id']}/thumbnail", params={"user_id": uid}, headers=AUTH).status_code == 200
+    upload = client.post("/images/upload", params={"user_id": uid}, files={"file": ("a.jpg", b"x")})
+    assert upload.status_code == 401
