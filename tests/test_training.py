@@ -233,3 +233,21 @@ def test_squash_resize_keeps_the_edges_that_crop_cuts():
     assert "resize" not in Preprocessing().to_dict()  # crop, the default, keeps old cache keys and checkpoints
     with pytest.raises(ValueError, match="crop or squash"):
         eval_transform(Preprocessing(resize="stretch"))
+
+
+def test_pooled_text_features_keep_the_order_of_the_texts():
+    """Texts are batched by length for speed; each row must still be its own text's embedding."""
+    from data.transforms import tokenize
+    from training.features import text_prefixes
+
+    cfg = OmegaConf.load(REPO / "configs/model/tiny.yaml")
+    cfg.text.trainable_layers = 0
+    model, tokenizer = build_model(cfg)
+    texts = ["a very long caption about a red circle on a white ground", "sun", "a blue square", "tree, green"]
+    features = text_prefixes(model, tokenizer, texts, 16, torch.device("cpu"), False, batch_size=2)
+    assert features.mask is None
+    for row, text in enumerate(texts):
+        tokens = tokenize(tokenizer, [text], 16)
+        with torch.no_grad():
+            alone = model.text_encoder(tokens["input_ids"], tokens["attention_mask"])[0]
+        torch.testing.assert_close(features.values[row], alone, atol=1e-5, rtol=1e-4)
