@@ -85,7 +85,7 @@ def find_user(gallery, name: str):
 def cmd_index(args, settings: ServeSettings) -> int:
     from tqdm import tqdm
 
-    from serving.ingest import IngestCancelled, IngestReport, scan_folder
+    from serving.ingest import IngestCancelled, IngestReport
 
     target = Path(args.folder).expanduser().absolute()
     if not target.is_dir():  # before loading the model
@@ -100,7 +100,7 @@ def cmd_index(args, settings: ServeSettings) -> int:
         folder = gallery._folder(str(target))
         started = time.perf_counter()
         report = IngestReport()
-        entries = scan_folder(folder, gallery.policy, report)
+        entries = gallery.scan(folder, report)
         interrupted = False
         with tqdm(total=len(entries), unit="img", desc=f"indexing {folder.name or folder}", disable=args.quiet,
                   file=sys.stderr, dynamic_ncols=True) as bar:

@@ -188,7 +188,7 @@ class Gallery:
     def add_image(self, user_id: str, image_path: str) -> dict:
         user = self._user(user_id)
         self._require_model(user)
-        entry = stat_file(self.policy.resolve(image_path, "image_path"))
+        entry = stat_file(self._resolve_file(user, image_path, "image_path"))
         report = self.ingestor.ingest(user, [entry], IngestReport())
         outcome = report.outcomes[entry.id]
         if outcome["status"] == "failed":
@@ -205,7 +205,7 @@ class Gallery:
         folder = self._folder(folder_path)
         started = time.perf_counter()
         report = IngestReport()
-        entries = scan_folder(folder, self.policy, report)
+        entries = self.scan(folder, report)
         self.ingestor.ingest(user, entries, report)
         seconds = time.perf_counter() - started
         out = report.as_dict()
@@ -353,7 +353,7 @@ class Gallery:
                 raise not_found(f"no image with id {image_id!r} in this gallery")
             query, exclude = f"image:{image_id}", image_id
         elif image_path is not None:
-            entry = stat_file(self.policy.resolve(image_path, "image_path"))
+            entry = stat_file(self._resolve_file(user, image_path, "image_path"))
             decoded = decode_file(entry, self.embedder.transform, self.embedder.preprocessing.image_size,
                                   self.ingestor.max_image_pixels)
             if decoded.error is not None:
@@ -412,8 +412,21 @@ class Gallery:
 
     # ---------------------------------------------------------------- background add-folder
 
+    def _resolve_file(self, user: User, raw: str, what: str) -> Path:
+        """A file a request names: the allowed roots apply, and nothing inside the store folder
+        may be named but the caller's own uploads (thumbnails, other galleries' uploads)."""
+        resolved = self.policy.resolve(raw, what)
+        if resolved.is_relative_to(self.store.path) and not resolved.is_relative_to(self.uploads_dir / user.user_id):
+            raise forbidden(f"{raw} is inside the gallery store folder; only your own uploads there can be used")
+        return resolved
+
+    def scan(self, folder: Path, report: IngestReport) -> list:
+        return scan_folder(folder, self.policy, report, skip=self.store.path)
+
     def _folder(self, folder_path: str) -> Path:
         folder = self.policy.resolve(folder_path, "folder_path")
+        if folder.is_relative_to(self.store.path):
+            raise forbidden(f"{folder_path} is inside the gallery store folder, which is not a picture folder")
         if not folder.exists():
             raise not_found(f"no such folder: {folder}")
         if not folder.is_dir():
@@ -427,7 +440,7 @@ class Gallery:
         folder = self._folder(folder_path)
 
         def work(job):
-            entries = scan_folder(folder, self.policy, job.report)
+            entries = self.scan(folder, job.report)
             job.total = len(entries)
             self.ingestor.ingest(self._user(user_id), entries, job.report, progress=job.advance, cancel=job.cancel)
 

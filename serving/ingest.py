@@ -122,14 +122,20 @@ def stat_file(resolved: Path) -> FileEntry:
     return FileEntry(str(resolved), stat.st_size, stat.st_mtime_ns)
 
 
-def scan_folder(folder: Path, policy: PathPolicy, report: IngestReport) -> list[FileEntry]:
-    """Image files under `folder` (sub-folders included; folder symlinks are not followed)."""
+def scan_folder(folder: Path, policy: PathPolicy, report: IngestReport, skip: Path | None = None) -> list[FileEntry]:
+    """Image files under `folder` (sub-folders included; folder symlinks are not followed).
+
+    `skip` is a folder never walked into nor taken files from, even through a file symlink:
+    the gallery store's own folder (thumbnails, other galleries' uploads)."""
     entries: dict[str, FileEntry] = {}
+    skip_text = str(skip) if skip is not None else None
 
     def on_error(error: OSError):
         report.fail(error.filename or str(folder), bad_request(f"cannot list folder: {error.strerror}"))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
+        if skip_text is not None:
+            dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != skip_text]
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -142,6 +148,9 @@ def scan_folder(folder: Path, policy: PathPolicy, report: IngestReport) -> list[
             resolved = policy.check_file(path)
             if isinstance(resolved, GalleryError):
                 report.fail(str(path), resolved)
+                continue
+            if skip is not None and resolved.is_relative_to(skip):
+                report.fail(str(path), forbidden(f"{path} resolves into the gallery store folder {skip}"))
                 continue
             try:
                 stat = resolved.stat()

@@ -301,3 +301,35 @@ def test_model_change_conflicts_until_reindexed(tmp_path, pictures):
         assert gallery.reindex(uid)["skipped"]
     finally:
         gallery.close()
+
+
+def test_store_folder_is_not_a_picture_folder(tmp_path):
+    """The store (thumbnails, every gallery's uploads) may sit under an allowed root: folder walks
+    skip it, and a request may name only the caller's own uploads inside it."""
+    root = tmp_path / "home"
+    for index in range(3):
+        write_image(root / "photos" / f"h{index}.jpg", 50 + index)
+    gallery = open_gallery(root / "gallery_db", roots=[root])
+    try:
+        alice = gallery.initialize("alice")["user_id"]
+        bob = gallery.initialize("bob")["user_id"]
+        own = write_image(tmp_path / "own.png", 77)
+        uploaded = gallery.upload(alice, own.read_bytes(), "own.png")
+        assert uploaded["status"] == "added" and uploaded["path"].startswith(str(gallery.uploads_dir / alice))
+        gallery.thumbnail(alice, uploaded["id"])  # makes a JPEG under gallery_db/thumbnails
+        assert gallery.add_image(alice, uploaded["path"])["status"] == "unchanged"  # own upload: allowed
+        with pytest.raises(GalleryError) as error:
+            gallery.add_image(bob, uploaded["path"])
+        assert error.value.status_code == 403
+        with pytest.raises(GalleryError) as error:
+            gallery.search_by_image(bob, image_path=uploaded["path"])
+        assert error.value.status_code == 403
+        with pytest.raises(GalleryError) as error:
+            gallery.add_folder(bob, str(root / "gallery_db"))
+        assert error.value.status_code == 403
+        report = gallery.add_folder(bob, str(root))
+        assert (report["added"], report["failed"]) == (3, 0)  # the photos only: no thumbnails, no uploads
+        listed = gallery.list_images(bob)["images"]
+        assert all(img["path"].startswith(str(root / "photos")) for img in listed)
+    finally:
+        gallery.close()
