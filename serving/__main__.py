@@ -86,7 +86,7 @@ def serve(settings: ServeSettings) -> int:
     configure_logging(settings.log_level)
     _install_signal_handlers()
     where = f"http://{settings.host}:{settings.port}"
-    logger.info("Smart Gallery: %s (docs at %s/docs), store %s, checkpoint %s, roots %s, API key %s",
+    logger.info("Smart Gallery: web page %s/ (API docs at %s/docs), store %s, checkpoint %s, roots %s, API key %s",
                 where, where, settings.db_dir, settings.checkpoint,
                 settings.allowed_roots or "any readable path (loopback only)", "required" if settings.api_key else "off")
     code = 0

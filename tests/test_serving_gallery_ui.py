@@ -118,3 +118,7 @@ def test_gallery_page_end_to_end(server, page, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(shots / "web-phone.png"))
     assert re.match(r"^\d+\.\d{3}$", results.first.locator(".score").inner_text())
+
+    page.reload()  # the browser remembers the gallery and reopens it
+    expect(page.locator("#gallery-info")).to_contain_text(f"“holiday”: {COUNT} images")
+    expect(page.locator("#workspace")).to_be_visible()

@@ -276,7 +276,10 @@ function init() {
   fillGalleryList();
   $("api-key").value = state.key;
   const last = localStorage.getItem("sg.last");
-  if (last) $("gallery-name").value = last;
+  if (last) {  // reopen the gallery used last in this browser
+    $("gallery-name").value = last;
+    guarded(null, () => openGallery(last));
+  }
 
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
