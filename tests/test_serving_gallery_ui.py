@@ -1,7 +1,8 @@
 """The web page in a real browser (Debian's chromium driven by Playwright) against a real
 `python -m serving` process: create a gallery, add a folder as a background job and watch it
 finish, search (with paging and a negative term), open a result, find similar, search by an
-uploaded image, see an error in words, and a phone-sized layout. Screenshots of the main
+uploaded image, upload pictures into the gallery, see an error in words, a phone-sized layout,
+and the gallery reopened after a reload. Screenshots of the main
 states go to a temporary folder, or to $SMART_GALLERY_SCREENSHOTS (e.g. docs/img) when set."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def server(tmp_path_factory):
         write_image(base / "pictures" / "trip" / f"photo{index:02d}.jpg", 600 + index, size=(480, 360))
     (base / "pictures" / "trip" / "broken.jpg").write_text("not a picture")
     write_image(base / "elsewhere" / "query.png", 605, size=(480, 360))  # same pixels as photo05.jpg
+    write_image(base / "elsewhere" / "new.png", 900, size=(300, 200))
     process = ServerProcess(tiny_checkpoint(1)[0], base / "db", cwd).wait_ready()
     yield {"url": process.url, "base": base}
     process.stop()
@@ -111,6 +113,10 @@ def test_gallery_page_end_to_end(server, page, tmp_path):
     expect(results.first.locator(".name")).to_have_text("photo05.jpg")
     assert float(results.first.locator(".score").inner_text()) > 0.99
 
+    page.set_input_files("#upload-files", [str(base / "elsewhere" / "query.png"), str(base / "elsewhere" / "new.png")])
+    expect(page.locator("#upload-status")).to_have_text("Uploaded: 2 added, 0 already there, 0 failed")
+    expect(page.locator("#gallery-info")).to_contain_text(f"{COUNT + 2} images")
+
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     columns = page.evaluate("getComputedStyle(document.querySelector('#results')).gridTemplateColumns.split(' ').length")
     assert columns == 2
@@ -119,5 +125,5 @@ def test_gallery_page_end_to_end(server, page, tmp_path):
     assert re.match(r"^\d+\.\d{3}$", results.first.locator(".score").inner_text())
 
     page.reload()  # the browser remembers the gallery and reopens it
-    expect(page.locator("#gallery-info")).to_contain_text(f"“holiday”: {COUNT} images")
+    expect(page.locator("#gallery-info")).to_contain_text(f"“holiday”: {COUNT + 2} images")
     expect(page.locator("#workspace")).to_be_visible()

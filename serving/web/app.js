@@ -105,7 +105,10 @@ async function openGallery(name) {
   $("workspace").hidden = false;
   clearResults();
   $("result-summary").textContent = "";
+  $("job").hidden = true;
   showInfo(info);
+  const pending = localStorage.getItem(`sg.job.${state.userId}`);
+  if (pending && !state.job) followJob(pending);
   return info;
 }
 
@@ -123,13 +126,18 @@ async function refreshInfo() {
 async function addFolder(path) {
   const started = await api("POST", "/images/add-folder",
     {params: {user_id: state.userId, background: "true"}, json: {folder_path: path}});
-  state.job = started.job_id;
+  followJob(started.job_id);
+}
+
+function followJob(jobId) {
+  state.job = jobId;
+  localStorage.setItem(`sg.job.${state.userId}`, jobId);  // a reload resumes the progress display
   $("job").hidden = false;
   $("job-cancel").hidden = false;
   $("folder-add").disabled = true;
   $("job-failures").hidden = true;
   $("job-status").textContent = "Starting…";
-  pollJob(started.job_id);
+  pollJob(jobId);
 }
 
 async function pollJob(jobId) {
@@ -137,13 +145,15 @@ async function pollJob(jobId) {
   try {
     job = await api("GET", `/jobs/${jobId}`, {params: {user_id: state.userId}});
   } catch (error) {
-    showError(error);
+    localStorage.removeItem(`sg.job.${state.userId}`);
+    if (error.status !== 404) showError(error);  // 404: the job is gone (server restarted)
     return finishJob();
   }
   showJob(job);
   if (job.state === "queued" || job.state === "running") {
     setTimeout(() => pollJob(jobId), 400);
   } else {
+    localStorage.removeItem(`sg.job.${state.userId}`);
     finishJob();
     refreshInfo().catch(showError);
     if (job.state === "failed") showError(new Error(`Adding the folder failed: ${job.error}`));
@@ -175,6 +185,27 @@ function finishJob() {
   state.job = null;
   $("job-cancel").hidden = true;
   $("folder-add").disabled = false;
+}
+
+async function uploadFiles(files) {
+  const status = $("upload-status");
+  let added = 0, same = 0, failed = 0;
+  const problems = [];
+  for (const [index, file] of files.entries()) {
+    status.textContent = `Uploading ${index + 1}/${files.length}…`;
+    const form = new FormData();
+    form.append("file", file, file.name);
+    try {
+      const result = await api("POST", "/images/upload", {params: {user_id: state.userId}, form});
+      if (result.status === "added" || result.status === "updated") added += 1; else same += 1;
+    } catch (error) {
+      failed += 1;
+      problems.push(`${file.name}: ${error.message}`);
+    }
+  }
+  status.textContent = `Uploaded: ${added} added, ${same} already there, ${failed} failed`;
+  if (problems.length) showError(new Error(problems.join(" — ")));
+  await refreshInfo();
 }
 
 // ------------------------------------------------------------------ search and results
@@ -294,6 +325,11 @@ function init() {
   $("folder-form").addEventListener("submit", (e) => {
     e.preventDefault();
     guarded(null, () => addFolder($("folder-path").value.trim()));
+  });
+  $("upload-files").addEventListener("change", () => {
+    const files = [...$("upload-files").files];
+    $("upload-files").value = "";
+    if (files.length) guarded($("upload-files"), () => uploadFiles(files));
   });
   $("job-cancel").addEventListener("click", () => {
     if (state.job) guarded($("job-cancel"), () => api("DELETE", `/jobs/${state.job}`, {params: {user_id: state.userId}}));
