@@ -165,3 +165,16 @@ def test_train_weight_applies_in_training_mode_and_weight_when_embedding():
     bad.zeroshot.train_weight = 0.5
     with pytest.raises(ValueError, match="train_weight"):
         build_model(bad)
+
+
+def test_model_id_changes_with_the_readout_share(tmp_path):
+    from data.transforms import Preprocessing
+    from training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_cfg(0.5))
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 16)
+    first = save_checkpoint(tmp_path / "a", model, tokenizer, tiny_cfg(0.5), pre)
+    assert save_checkpoint(tmp_path / "b", model, tokenizer, tiny_cfg(0.5), pre) == first
+    model.zeroshot_weight = 0.7  # same weights, other embeddings: the server must see another model
+    assert save_checkpoint(tmp_path / "c", model, tokenizer, tiny_cfg(0.7), pre) != first

@@ -32,9 +32,12 @@ class CheckpointError(RuntimeError):
     """A path that is not a usable checkpoint, with what is wrong."""
 
 
-def model_id_of(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short hash of the weights: two checkpoints with the same id embed identically."""
+def model_id_of(state_dict: dict[str, torch.Tensor], settings: dict | None = None) -> str:
+    """A short hash of the weights (and of `settings` that change embeddings without being
+    weights): two checkpoints with the same id embed identically."""
     digest = hashlib.sha256()
+    if settings:
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(name.encode())
@@ -43,13 +46,24 @@ def model_id_of(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def embedding_settings(model: DualEncoder, preprocessing: Preprocessing) -> dict:
+    """What changes embeddings besides the weights: the readout's share and temperature, a
+    non-default resize. Empty for models without them, so their ids stay what they were."""
+    settings = {}
+    if model.readout is not None:
+        settings["zeroshot"] = {"weight": model.zeroshot_weight, "temperature": model.readout.temperature}
+    if preprocessing.resize != "crop":
+        settings["resize"] = preprocessing.resize
+    return settings
+
+
 def save_checkpoint(directory: str | Path, model: DualEncoder, tokenizer, model_cfg, preprocessing: Preprocessing,
                     metrics: dict | None = None, extra: dict | None = None) -> str:
     """Write a checkpoint directory atomically enough (weights first, config last). Returns the model id."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    model_id = model_id_of(state)
+    model_id = model_id_of(state, embedding_settings(model, preprocessing))
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"model_id": model_id})
     tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
     config = {
