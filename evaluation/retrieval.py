@@ -238,21 +238,27 @@ def evaluate_embeddings(samples: list[Sample], image_emb: torch.Tensor, caption_
 def evaluate_checkpoint(checkpoint, samples: list[Sample], *, ks=(1, 5, 10), batch_size: int = 64,
                         text_batch_size: int = 256, num_workers: int = 2, max_queries: int | None = None,
                         seed: int = 0, dataset: str | None = None, split: str | None = None,
-                        data_config: dict | None = None, progress: bool = True) -> EvalResult:
+                        data_config: dict | None = None, progress: bool = True,
+                        image_embedder=None, text_embedder=None) -> EvalResult:
     """Embed `samples` with a loaded checkpoint (training.checkpoint.load_checkpoint) and score retrieval.
 
     The images are embedded once and serve as candidates (text->image) and queries (image->text).
+    `image_embedder(paths) -> ImageEmbeddings` and `text_embedder(texts) -> Tensor` replace the
+    checkpoint's own end-to-end embedding (the suite passes ones that reuse shared frozen features).
     """
     if not samples:
         where = f"split {split!r} of {dataset}" if split or dataset else "the sample list"
         raise EvaluationError(f"{where} is empty: nothing to evaluate (check split / split_fractions / the data path)")
-    images = embed_image_paths(checkpoint, [s.image_path for s in samples], batch_size, num_workers, progress)
+    image_embedder = image_embedder or (lambda paths: embed_image_paths(checkpoint, paths, batch_size, num_workers,
+                                                                        progress))
+    text_embedder = text_embedder or (lambda texts: embed_texts(checkpoint, texts, text_batch_size, progress))
+    images = image_embedder([s.image_path for s in samples])
     if len(images) == 0:
         raise EvaluationError(f"none of the {len(samples)} images could be read "
                               f"(first failure: {next(iter(images.failures.values()), '?')})")
     readable = [samples[i] for i in images.indices]
     pool = CaptionPool.from_samples(readable)
-    caption_emb = embed_texts(checkpoint, pool.captions, text_batch_size, progress)
+    caption_emb = text_embedder(pool.captions)
     notes: list[str] = []
     if images.failures:
         notes.append(f"{len(images.failures)} of {len(samples)} images could not be read and were left out")

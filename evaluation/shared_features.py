@@ -19,8 +19,7 @@ import torch
 from data.records import Sample
 from evaluation.backbone_keys import Backbones
 from evaluation.embedding import ImageEmbeddings, embed_image_paths, embed_texts
-from evaluation.relevance import CaptionPool
-from evaluation.retrieval import EvalResult, EvaluationError, evaluate_embeddings
+from evaluation.retrieval import EvalResult, evaluate_checkpoint
 from training.features import autocast_for
 
 
@@ -123,34 +122,17 @@ def evaluate_with_backbones(checkpoint, samples: list[Sample], backbones: Backbo
                             progress: bool = True) -> EvalResult:
     """evaluation.retrieval.evaluate_checkpoint, with a frozen side embedded from `features`
     (computed there once per backbone) and a trainable side end to end as usual."""
-    if not samples:
-        where = f"split {split!r} of {dataset}" if split or dataset else "the sample list"
-        raise EvaluationError(f"{where} is empty: nothing to evaluate (check split / split_fractions / the data path)")
-    paths = [s.image_path for s in samples]
-    if backbones.image is not None:
+    def frozen_images(paths):
         prefixes = features.image(checkpoint, backbones.image, paths, batch_size, num_workers, progress)
-        images = ImageEmbeddings(embed_prefixes(checkpoint, checkpoint.model.embed_image_prefix, prefixes, batch_size),
-                                 list(prefixes.indices), dict(prefixes.failures))
-    else:
-        images = embed_image_paths(checkpoint, paths, batch_size, num_workers, progress)
-    if len(images) == 0:
-        raise EvaluationError(f"none of the {len(samples)} images could be read "
-                              f"(first failure: {next(iter(images.failures.values()), '?')})")
-    readable = [samples[i] for i in images.indices]
-    pool = CaptionPool.from_samples(readable)
-    if backbones.text is not None:
-        prefixes = features.text(checkpoint, backbones.text, pool.captions, text_batch_size, progress)
-        caption_emb = embed_prefixes(checkpoint, checkpoint.model.embed_text_prefix, prefixes, text_batch_size)
-    else:
-        caption_emb = embed_texts(checkpoint, pool.captions, text_batch_size, progress)
-    notes: list[str] = []
-    if images.failures:
-        notes.append(f"{len(images.failures)} of {len(samples)} images could not be read and were left out")
-    directions = evaluate_embeddings(readable, images.embeddings, caption_emb, pool, ks=ks,
-                                     max_queries=max_queries, seed=seed, notes=notes)
-    return EvalResult(
-        model_id=checkpoint.model_id, checkpoint=str(checkpoint.path), dataset=dataset, split=split,
-        ks=tuple(int(k) for k in ks), samples=readable, captions=pool.captions, directions=directions,
-        num_split_images=len(samples), skipped_images=images.failures, max_queries=max_queries, notes=notes,
-        data_config=dict(data_config or {}),
-    )
+        return ImageEmbeddings(embed_prefixes(checkpoint, checkpoint.model.embed_image_prefix, prefixes, batch_size),
+                               list(prefixes.indices), dict(prefixes.failures))
+
+    def frozen_texts(texts):
+        prefixes = features.text(checkpoint, backbones.text, texts, text_batch_size, progress)
+        return embed_prefixes(checkpoint, checkpoint.model.embed_text_prefix, prefixes, text_batch_size)
+
+    return evaluate_checkpoint(checkpoint, samples, ks=ks, batch_size=batch_size, text_batch_size=text_batch_size,
+                               num_workers=num_workers, max_queries=max_queries, seed=seed, dataset=dataset,
+                               split=split, data_config=data_config, progress=progress,
+                               image_embedder=frozen_images if backbones.image is not None else None,
+                               text_embedder=frozen_texts if backbones.text is not None else None)
