@@ -47,8 +47,9 @@ fi
 # scripts of pyproject.toml (smart-gallery, smart-gallery-serve, smart-gallery-reindex).
 # Rewritten on every run, so an environment shared by several clones (the cache above) points
 # at the clone whose setup.sh ran last; code run from a checkout's root folder still imports
-# that checkout first.
-if ! log=$(.venv/bin/pip install --no-deps --no-build-isolation --editable . 2>&1); then
+# that checkout first. (`python -m pip`, not bin/pip: a cached environment is built under
+# another name and moved, which leaves bin/pip's #! line pointing at the old one.)
+if ! log=$(.venv/bin/python -m pip install --no-deps --no-build-isolation --editable . 2>&1); then
   echo "$log" >&2
   exit 1
 fi
