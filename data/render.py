@@ -100,22 +100,21 @@ def colour_scheme(key: str, mono: bool) -> dict:
     u = rng.random()
     margin = rng.uniform(0.06, 0.16)
     if mono:
-        if u < 0.55:
-            bg, kind = rng.choice(WHITE_BACKGROUNDS), "white"
-        elif u < 0.85:
-            bg, kind = _light_tint(rng), "tint"
-        else:
-            bg, kind = rng.choice(DARK_BACKGROUNDS), "dark"
+        bg, kind = _background(rng, u, white_below=0.55, tint_below=0.85)
         fg = rng.choice(LIGHT_FOREGROUNDS if kind == "dark" else DARK_FOREGROUNDS)
     else:
+        bg, kind = _background(rng, u, white_below=0.4, tint_below=0.8)
         fg = None
-        if u < 0.4:
-            bg, kind = rng.choice(WHITE_BACKGROUNDS), "white"
-        elif u < 0.8:
-            bg, kind = _light_tint(rng), "tint"
-        else:
-            bg, kind = rng.choice(DARK_BACKGROUNDS), "dark"
     return {"fg": fg, "bg": bg, "kind": kind, "margin": margin}
+
+
+def _background(rng: random.Random, u: float, white_below: float, tint_below: float) -> tuple:
+    """A white background when u < white_below, a light tint below tint_below, else a dark one."""
+    if u < white_below:
+        return rng.choice(WHITE_BACKGROUNDS), "white"
+    if u < tint_below:
+        return _light_tint(rng), "tint"
+    return rng.choice(DARK_BACKGROUNDS), "dark"
 
 
 def _rgb(hex_colour: str) -> np.ndarray:
