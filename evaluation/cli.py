@@ -13,7 +13,7 @@ import sys
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from data.errors import DataUnavailableError
@@ -49,6 +49,15 @@ def expected_errors():
         fail(f"missing value for {key}: pass it on the command line, e.g. {key}=...")
     except (CheckpointError, DataUnavailableError, EvaluationError, CliError) as error:
         fail(str(error))
+
+
+def as_list(value) -> list[str]:
+    """A command-line value given as one item or a list (`checkpoints=[a,b]`, `only=x`) as strings."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 def configure_torch(cfg: DictConfig) -> None:

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from evaluation import plots
-from evaluation.cli import (CliError, configure_torch, data_config, evaluation_kwargs, expected_errors, load,
-                            load_split)
+from evaluation.cli import (CliError, as_list, configure_torch, data_config, evaluation_kwargs, expected_errors,
+                            load, load_split)
 from evaluation.report import format_value, markdown_table, write_report
 from evaluation.retrieval import DIRECTION_TITLES, EvalResult, evaluate_checkpoint
 from training.checkpoint import read_checkpoint_config
@@ -134,23 +134,15 @@ def write_comparison(results: Mapping[str, EvalResult], output_dir: str | Path,
     return written
 
 
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, ListConfig)):
-        return [str(v) for v in value]
-    return [str(value)]
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="compare")
 def main(cfg: DictConfig) -> None:
     output_dir = Path(str(cfg.output_dir))
     with expected_errors():
         configure_torch(cfg)
-        paths = _as_list(cfg.checkpoints)
+        paths = as_list(cfg.checkpoints)
         if not paths:
             raise CliError("checkpoints=[A,B,...] needs at least one checkpoint directory")
-        names = _as_list(cfg.names) or default_names(paths)
+        names = as_list(cfg.names) or default_names(paths)
         if len(names) != len(paths):
             raise CliError(f"names has {len(names)} entries for {len(paths)} checkpoints")
         names = unique(names)

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.errors import DataUnavailableError
 from data.records import Sample
-from evaluation.cli import CliError, load_split
-from evaluation.compare import _as_list
+from evaluation.cli import CliError, as_list, load_split
 from evaluation.retrieval import EvaluationError
 
 log = logging.getLogger("evaluation")
@@ -80,7 +79,7 @@ def selected_domains(cfg: DictConfig) -> dict[str, DictConfig]:
     if only is None:
         chosen = list(domains)
     else:
-        chosen = list(dict.fromkeys(_as_list(only)))
+        chosen = list(dict.fromkeys(as_list(only)))
         unknown = [name for name in chosen if name not in domains]
         if unknown:
             raise CliError(f"unknown domain(s) {unknown} in only=...; configured: {sorted(domains)} "

@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from evaluation.backbone_keys import Backbones, backbones_of, log_sharing, share_encoders
-from evaluation.cli import CliError, configure_torch, evaluation_kwargs, expected_errors, load
-from evaluation.compare import _as_list, default_names, unique
+from evaluation.cli import CliError, as_list, configure_torch, evaluation_kwargs, expected_errors, load
+from evaluation.compare import default_names, unique
 from evaluation.domains import CONFIG_DIR, Domain, read_domain, selected_domains
 from evaluation.retrieval import EvaluationError, evaluate_checkpoint
 from evaluation.shared_features import BackboneFeatures, evaluate_with_backbones
@@ -50,10 +50,10 @@ def _free_memory() -> None:
 def run_suite(cfg: DictConfig) -> dict:
     """Evaluate every checkpoint on every available domain; returns what suite.json holds."""
     configure_torch(cfg)
-    paths = _as_list(cfg.get("checkpoints")) or _as_list(cfg.get("checkpoint"))
+    paths = as_list(cfg.get("checkpoints")) or as_list(cfg.get("checkpoint"))
     if not paths:
         raise CliError("checkpoints=[A,B,...] (or checkpoint=A) needs at least one checkpoint directory")
-    names = _as_list(cfg.get("names")) or default_names(paths)
+    names = as_list(cfg.get("names")) or default_names(paths)
     if len(names) != len(paths):
         raise CliError(f"names has {len(names)} entries for {len(paths)} checkpoints")
     names = unique(names)
