@@ -331,6 +331,11 @@ class GalleryStore:
         got = self.collection(user).get(offset=offset, limit=limit, include=["metadatas"])
         return [ImageRecord.from_metadata(rid, meta) for rid, meta in zip(got["ids"], got["metadatas"])]
 
+    def records_under(self, user: User, folder: str) -> list[ImageRecord]:
+        """Every record whose path is inside `folder` (any depth): what re-adding the folder checks."""
+        got = self.collection(user).get(where={"ancestors": {"$contains": str(folder)}}, include=["metadatas"])
+        return [ImageRecord.from_metadata(rid, meta) for rid, meta in zip(got["ids"], got["metadatas"])]
+
     def iter_records(self, user: User, batch: int = 1000) -> Iterator[list[ImageRecord]]:
         offset = 0
         while True:
