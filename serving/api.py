@@ -38,7 +38,7 @@ from typing import Optional
 import litserve as ls
 from fastapi import File, HTTPException, Path, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -49,19 +49,25 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from serving.config import ServeSettings, configure_logging
+from serving.keys import Caller, KeyRing, key_hash, unauthorized
 from serving.schemas import (
     MAX_LIST_LIMIT,
+    MAX_LIST_OFFSET,
     AddFolderRequest,
     AddFolderResponse,
     AddImageRequest,
     AddImageResponse,
     DeleteImageResponse,
+    ErrorResponse,
     GalleryInfoResponse,
     ImageDetailResponse,
     InitializeRequest,
     InitializeResponse,
     JobResponse,
     JobStartedResponse,
+    KeyResponse,
+    PruneResponse,
+    RevokeKeyResponse,
     ListImagesResponse,
     ReindexResponse,
     SearchByImageRequest,
@@ -72,10 +78,13 @@ from serving.schemas import (
 
 logger = logging.getLogger(__name__)
 
+ADMIN_ONLY_PATHS = ("/info",)  # LitServe's server info names the checkpoint: admin key only
+ADMIN_ONLY_OPS = ("keys_revoke",)
 QUEUE_KEY = "/_gallery"  # the spec's request-queue key; no route is registered at this path
 USER_ID = Query(min_length=1, max_length=128, description="The id /db/initialize returned.")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key, if it has one.")
-_bearer = HTTPBearer(auto_error=False, description="The server's API key as a bearer token, if it has one.")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                               description="The gallery's API key (from /db/initialize), or the admin key.")
+_bearer = HTTPBearer(auto_error=False, description="The gallery's API key or the admin key, as a bearer token.")
 IMAGE_ID = Path(min_length=1, max_length=64, description="An image id of this gallery (another gallery's id is a 404).")
 JOB_ID = Path(min_length=1, max_length=64)
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
@@ -84,6 +93,61 @@ THUMBNAIL_CACHE_CONTROL = "private, max-age=3600"
 FILE_CACHE_CONTROL = "private, no-cache"  # revalidate with the ETag: the file may change in place
 _IMAGE_CONTENT = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
                   "description": "The image bytes (ETag and Cache-Control headers; 304 on a matching If-None-Match)."}
+
+
+ERROR_TEXT = {
+    400: "Malformed request: a relative path, a folder where a file is expected, or the reverse.",
+    401: "Missing or unknown API key (the server requires keys).",
+    403: "Outside the folders this server may read, or the admin key is needed.",
+    404: "Unknown user_id, image id or job id (another gallery's ids answer the same), or a missing file.",
+    409: "The gallery was embedded by another model (re-index it), or it exists and needs its key.",
+    413: "Request body, upload or image too large.",
+    415: "Not a supported image format.",
+    422: "Invalid parameters (out of range, wrong type), or a corrupt/truncated image.",
+    503: "The server is shutting down; retry later.",
+    504: "The request waited longer than the server's timeout for the gallery worker.",
+}
+_ALWAYS = (422, 503, 504)  # validation, and a worker that is stopping or saturated
+_BODY = (413,)  # the body-size limit applies to every request with a body
+# The statuses each route can answer besides 200 (401 is added when the server requires keys).
+ROUTE_ERRORS = {
+    ("/db/initialize", "POST"): (400, 403, 409, *_BODY),
+    ("/db/info", "GET"): (404,),
+    ("/db/reindex", "POST"): (404,),
+    ("/db/prune", "POST"): (404,),
+    ("/db/keys/rotate", "POST"): (404,),
+    ("/db/keys/revoke", "POST"): (403, 404),
+    ("/images/add", "POST"): (400, 403, 404, 409, 415, *_BODY),
+    ("/images/add-folder", "POST"): (400, 403, 404, 409, *_BODY),
+    ("/images/search", "POST"): (400, 403, 404, 409, *_BODY),
+    ("/images/search-by-image", "POST"): (400, 403, 404, 409, 415, *_BODY),
+    ("/images/upload", "POST"): (403, 404, 409, 415, *_BODY),
+    ("/images", "GET"): (404,),
+    ("/images/{image_id}", "GET"): (404,),
+    ("/images/{image_id}", "DELETE"): (404,),
+    ("/images/{image_id}/thumbnail", "GET"): (403, 404, 413, 415),
+    ("/images/{image_id}/file", "GET"): (403, 404),
+    ("/jobs/{job_id}", "GET"): (404,),
+    ("/jobs/{job_id}", "DELETE"): (404,),
+}
+_NOT_MODIFIED = {304: {"description": "Not modified (the If-None-Match ETag matches)."}}
+
+
+def error_responses(codes, auth: bool) -> dict:
+    codes = sorted(set(codes) | set(_ALWAYS) | ({401} if auth else set()))
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXT[code]} for code in codes}
+
+
+def route_options(auth: bool) -> dict:
+    """Per-route OpenAPI options: every status a route can answer, with the error model."""
+    options = {}
+    for key, codes in ROUTE_ERRORS.items():
+        extra = GallerySpec.ROUTE_OPTIONS.get(key, {})
+        responses = {**error_responses(codes, auth), **extra.get("responses", {})}
+        if key[0].endswith(("/thumbnail", "/file")):
+            responses.update(_NOT_MODIFIED)
+        options[key] = {**extra, "responses": responses}
+    return options
 
 
 def _multipart_schema(model) -> dict:
@@ -118,6 +182,9 @@ class GallerySpec(LitSpec):
             ("/db/initialize", self.initialize, ["POST"]),
             ("/db/info", self.info, ["GET"]),
             ("/db/reindex", self.reindex, ["POST"]),
+            ("/db/prune", self.prune, ["POST"]),
+            ("/db/keys/rotate", self.rotate_key, ["POST"]),
+            ("/db/keys/revoke", self.revoke_key, ["POST"]),
             ("/images/add", self.add_image, ["POST"]),
             ("/images/add-folder", self.add_folder, ["POST"]),
             ("/images/search", self.search, ["POST"]),
@@ -139,8 +206,12 @@ class GallerySpec(LitSpec):
     def encode_response(self, output, context_kwargs=None):
         return output
 
-    async def _call(self, op: str, **args) -> dict:
-        """Send one operation to the worker and wait for its answer."""
+    async def _call(self, op: str, request: Request, **args) -> dict:
+        """Send one operation to the worker and wait for its answer.
+
+        The envelope carries who called (`Caller`: admin, or the hash of the key sent; never the
+        key) so the worker, which owns the key hashes, decides what the caller may touch."""
+        caller = getattr(request.state, "caller", None) or {}
         uid = uuid.uuid4().hex
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event)  # registered before it can be answered
@@ -149,7 +220,7 @@ class GallerySpec(LitSpec):
                 self._server._callback_runner.trigger_event(
                     EventTypes.ON_REQUEST.value, active_requests=self._server.active_requests, litserver=self._server
                 )
-            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"op": op, "args": args}))
+            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"op": op, "args": args, "caller": caller}))
             await event.wait()
             response, status = self.response_buffer[uid].response
         finally:
@@ -161,33 +232,51 @@ class GallerySpec(LitSpec):
             raise HTTPException(500, "internal error in the gallery worker; see the server log")
         return response
 
-    async def initialize(self, body: InitializeRequest) -> InitializeResponse:
-        """Create a gallery (or find the existing one with this name) and return its user_id.
+    async def initialize(self, body: InitializeRequest, request: Request) -> InitializeResponse:
+        """Create a gallery (or open the existing one with this name) and return its user_id.
 
-        The user_id is random (uuid4); the name is not a secret: initializing an existing name
-        returns its user_id again. Use the API key to control who may call the server at all."""
-        return InitializeResponse(**await self._call("initialize", user_name=body.user_name))
+        A new gallery's API key comes back once, as `api_key` (only its hash is stored). When
+        the server requires keys, opening an existing gallery needs its key or the admin key
+        (409 otherwise), and creating one off loopback needs the admin key."""
+        return InitializeResponse(**await self._call("initialize", request, user_name=body.user_name))
 
-    async def info(self, user_id: str = USER_ID) -> GalleryInfoResponse:
+    async def rotate_key(self, request: Request, user_id: str = USER_ID) -> KeyResponse:
+        """A new API key for the gallery (shown once); the previous one stops working at once.
+        Needs the gallery's current key or the admin key (when the server requires keys)."""
+        return KeyResponse(**await self._call("keys_rotate", request, user_id=user_id))
+
+    async def revoke_key(self, request: Request, user_id: str = USER_ID) -> RevokeKeyResponse:
+        """Remove the gallery's key: only the admin key opens it until a rotate issues a new one.
+        Admin key only (when the server requires keys)."""
+        return RevokeKeyResponse(**await self._call("keys_revoke", request, user_id=user_id))
+
+    async def prune(self, request: Request, user_id: str = USER_ID,
+                    dry_run: bool = Query(False, description="Only report; remove nothing.")) -> PruneResponse:
+        """Check every stored path: records of files gone from the disk are removed (reported
+        with `dry_run=true`), files changed since they were indexed are reported (adding them
+        again re-embeds them)."""
+        return PruneResponse(**await self._call("prune", request, user_id=user_id, dry_run=dry_run))
+
+    async def info(self, request: Request, user_id: str = USER_ID) -> GalleryInfoResponse:
         """The gallery's name, size and model id (and whether it needs a re-index)."""
-        return GalleryInfoResponse(**await self._call("info", user_id=user_id))
+        return GalleryInfoResponse(**await self._call("info", request, user_id=user_id))
 
-    async def reindex(self, user_id: str = USER_ID, force: bool = Query(False, description="Re-embed even if the model matches.")) -> ReindexResponse:
+    async def reindex(self, request: Request, user_id: str = USER_ID, force: bool = Query(False, description="Re-embed even if the model matches.")) -> ReindexResponse:
         """Re-embed every stored image with the server's model (after a model change).
 
         Fills a new collection from the stored paths and switches to it at the end, so a failure
         leaves the old one intact. Files that can no longer be read are listed and dropped."""
-        return ReindexResponse(**await self._call("reindex", user_id=user_id, force=force))
+        return ReindexResponse(**await self._call("reindex", request, user_id=user_id, force=force))
 
-    async def add_image(self, body: AddImageRequest, user_id: str = USER_ID) -> AddImageResponse:
+    async def add_image(self, body: AddImageRequest, request: Request, user_id: str = USER_ID) -> AddImageResponse:
         """Add one image file (a no-op if unchanged; not stored if identical to a stored image).
 
         Errors: 400 relative path or not a regular file, 403 outside the allowed roots,
         404 missing file or unknown user_id, 409 gallery embedded by another model,
         413 image too large (decompression-bomb guard), 415 not an image, 422 corrupt/truncated."""
-        return AddImageResponse(**await self._call("add_image", user_id=user_id, image_path=body.image_path))
+        return AddImageResponse(**await self._call("add_image", request, user_id=user_id, image_path=body.image_path))
 
-    async def add_folder(self, body: AddFolderRequest, user_id: str = USER_ID,
+    async def add_folder(self, body: AddFolderRequest, request: Request, user_id: str = USER_ID,
                          background: bool = Query(False, description="Run as a job: 202 with its job_id at once.")
                          ) -> AddFolderResponse:
         """Add every image under a folder, sub-folders included (jpg, jpeg, png, webp, bmp, gif, tif, tiff).
@@ -198,11 +287,11 @@ class GallerySpec(LitSpec):
         Errors: 400 not a folder, 403 outside the allowed roots, 404 missing folder or unknown
         user_id, 409 gallery embedded by another model."""
         if background:
-            started = await self._call("add_folder_job", user_id=user_id, folder_path=body.folder_path)
+            started = await self._call("add_folder_job", request, user_id=user_id, folder_path=body.folder_path)
             return JSONResponse(JobStartedResponse(**started).model_dump(), status_code=202)
-        return AddFolderResponse(**await self._call("add_folder", user_id=user_id, folder_path=body.folder_path))
+        return AddFolderResponse(**await self._call("add_folder", request, user_id=user_id, folder_path=body.folder_path))
 
-    async def search(self, body: SearchRequest, user_id: str = USER_ID) -> SearchResponse:
+    async def search(self, body: SearchRequest, request: Request, user_id: str = USER_ID) -> SearchResponse:
         """Images ranked by cosine similarity to a text query (top_k <= 100, offset paging,
         optional min_score and folder filter).
 
@@ -210,7 +299,7 @@ class GallerySpec(LitSpec):
         down: the query vector becomes normalise(q - negative_weight * n), n the normalised mean
         embedding of the negative texts (as rclip does). Errors: 404 unknown user_id, 409 gallery
         embedded by another model (re-index it), 422 invalid parameters or only negative terms."""
-        return SearchResponse(**await self._call("search", user_id=user_id, **body.model_dump()))
+        return SearchResponse(**await self._call("search", request, user_id=user_id, **body.model_dump()))
 
     async def search_by_image(self, request: Request, user_id: str = USER_ID) -> SearchResponse:
         """Images most similar to an image: a stored one (`{"image_id"}`, left out of its own
@@ -233,50 +322,52 @@ class GallerySpec(LitSpec):
             except ValidationError as error:
                 raise RequestValidationError(error.errors(include_url=False)) from None
             args = body.model_dump()
-        return SearchResponse(**await self._call("search_by_image", user_id=user_id, **args))
+        return SearchResponse(**await self._call("search_by_image", request, user_id=user_id, **args))
 
-    async def upload(self, file: UploadFile = File(description="An image file (jpg, png, webp, bmp, gif, tiff)."),
+    async def upload(self, request: Request,
+                     file: UploadFile = File(description="An image file (jpg, png, webp, bmp, gif, tiff)."),
                      user_id: str = USER_ID) -> AddImageResponse:
         """Upload an image: saved under the store folder (uploads/<user_id>/) and added.
 
         Errors: 413 over max_upload_bytes (32 MiB by default) or over 89 MP, 415 not an image,
         422 corrupt, truncated or empty."""
         data = await file.read()
-        return AddImageResponse(**await self._call("upload", user_id=user_id, data=data, filename=file.filename))
+        return AddImageResponse(**await self._call("upload", request, user_id=user_id, data=data, filename=file.filename))
 
-    async def image_info(self, image_id: str = IMAGE_ID, user_id: str = USER_ID) -> ImageDetailResponse:
+    async def image_info(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID) -> ImageDetailResponse:
         """One stored image: path, size, dates, pixel size."""
-        return ImageDetailResponse(**await self._call("image_info", user_id=user_id, image_id=image_id))
+        return ImageDetailResponse(**await self._call("image_info", request, user_id=user_id, image_id=image_id))
 
     async def thumbnail(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID):
         """A JPEG thumbnail (long side `thumbnail_size`, 256 px by default), cached on disk."""
-        info = await self._call("thumbnail", user_id=user_id, image_id=image_id)
+        info = await self._call("thumbnail", request, user_id=user_id, image_id=image_id)
         return _file_response(request, info, THUMBNAIL_CACHE_CONTROL)
 
     async def image_file(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID):
         """The original image file, with its content type."""
-        info = await self._call("image_file", user_id=user_id, image_id=image_id)
+        info = await self._call("image_file", request, user_id=user_id, image_id=image_id)
         return _file_response(request, info, FILE_CACHE_CONTROL, filename=os.path.basename(info["path"]))
 
-    async def job(self, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
+    async def job(self, request: Request, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
         """A background job's state (queued, running, done, failed, cancelled) and progress."""
-        return JobResponse(**await self._call("job", user_id=user_id, job_id=job_id))
+        return JobResponse(**await self._call("job", request, user_id=user_id, job_id=job_id))
 
-    async def cancel_job(self, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
+    async def cancel_job(self, request: Request, job_id: str = JOB_ID, user_id: str = USER_ID) -> JobResponse:
         """Cancel a job: it stops after the batch in hand (every stored batch stays whole and
         searchable; adding the folder again finishes the rest). A job that already ended is
         returned unchanged."""
-        return JobResponse(**await self._call("cancel_job", user_id=user_id, job_id=job_id))
+        return JobResponse(**await self._call("cancel_job", request, user_id=user_id, job_id=job_id))
 
-    async def list_images(self, user_id: str = USER_ID, offset: int = Query(0, ge=0),
+    async def list_images(self, request: Request, user_id: str = USER_ID,
+                          offset: int = Query(0, ge=0, le=MAX_LIST_OFFSET),
                           limit: int = Query(100, ge=1, le=MAX_LIST_LIMIT)) -> ListImagesResponse:
         """The stored images, paged."""
-        return ListImagesResponse(**await self._call("list_images", user_id=user_id, offset=offset, limit=limit))
+        return ListImagesResponse(**await self._call("list_images", request, user_id=user_id, offset=offset, limit=limit))
 
-    async def delete_image(self, image_id: str = Path(min_length=1, max_length=64), user_id: str = USER_ID
+    async def delete_image(self, request: Request, image_id: str = IMAGE_ID, user_id: str = USER_ID
                            ) -> DeleteImageResponse:
         """Remove one image from the gallery (the file is not touched)."""
-        return DeleteImageResponse(**await self._call("delete_image", user_id=user_id, image_id=image_id))
+        return DeleteImageResponse(**await self._call("delete_image", request, user_id=user_id, image_id=image_id))
 
 
 def _validated(model, values: dict):
@@ -321,8 +412,31 @@ def install_web_page(app) -> None:
         return FileResponse(os.path.join(WEB_DIR, "index.html"), media_type="text/html",
                             headers={"Cache-Control": "no-cache"})
 
-    app.add_api_route("/", index, methods=["GET"], include_in_schema=False, response_class=FileResponse)
+    app.add_api_route("/", index, methods=["GET"], response_class=FileResponse, summary="The web page",
+                      responses={200: {"content": {"text/html": {"schema": {"type": "string"}}},
+                                       "description": "The web page (HTML); it needs no key, its API calls do."}})
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+
+def install_health(app, path: str) -> None:
+    """LitServe's health probe, answered as declared: text/plain "ok" (200) or "not ready" (503), no key."""
+    for index, route in enumerate(app.router.routes):
+        if isinstance(route, APIRoute) and route.path == path:
+            probe = route.endpoint
+
+            async def health(request: Request) -> PlainTextResponse:
+                answer = await probe(request)
+                return PlainTextResponse(bytes(answer.body).decode(), status_code=answer.status_code)
+
+            app.router.routes[index] = APIRoute(
+                path, health, methods=["GET"], response_class=PlainTextResponse, summary="Health",
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "ready"},
+                           503: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                 "description": "the gallery worker is still starting"}})
+
+
+def _no_auth() -> None:
+    """The authorize dependency of a server that checks no keys: it declares no security in the spec."""
 
 
 class GalleryAPI(ls.LitAPI):
@@ -331,7 +445,10 @@ class GalleryAPI(ls.LitAPI):
     def __init__(self, settings: ServeSettings, executor_threads: int = 8):
         super().__init__(spec=GallerySpec(), enable_async=True, max_batch_size=1)
         self.settings = settings
-        self.api_key = settings.api_key
+        self.api_key = settings.api_key  # the admin key
+        self.auth = settings.auth_enabled
+        if not self.auth:  # LitServe uses `authorize` as the routes' dependency: this one declares no security
+            self.authorize = _no_auth
         self.executor_threads = executor_threads
         self.healthcheck_path = "/health"
         self.gallery = None
@@ -340,14 +457,28 @@ class GalleryAPI(ls.LitAPI):
 
     def authorize(self, request: Request, x_api_key: Optional[str] = Security(_api_key_header),
                   bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer)):
-        if not self.api_key or request.url.path == self.healthcheck_path:
+        """Who is calling, for a server that requires keys (see serving/keys.py).
+
+        The admin key is recognised here; any other key is forwarded to the worker as its hash
+        (`request.state.caller`), since only the worker holds the gallery keys' hashes. No key
+        at all is a 401 at once, except creating a gallery on a loopback server."""
+        path = request.url.path
+        if path == self.healthcheck_path:
             return
         supplied = x_api_key or (bearer.credentials if bearer else None)
-        if not supplied or not secrets.compare_digest(supplied.encode(), str(self.api_key).encode()):
-            raise HTTPException(
-                401, "missing or wrong API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if supplied and self.api_key and secrets.compare_digest(
+                supplied.encode("utf-8", "surrogatepass"), str(self.api_key).encode()):
+            request.state.caller = {"admin": True}
+            return
+        if supplied and path not in ADMIN_ONLY_PATHS:
+            request.state.caller = {"key_hash": key_hash(supplied)}
+            return
+        if not supplied and path == "/db/initialize" and self.settings.is_loopback:
+            request.state.caller = {}
+            return
+        raise HTTPException(
+            401, "missing or wrong API key: send the gallery's key (or the admin key) as 'X-API-Key: <key>' "
+                 "or 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
 
     # ------------------------------------------------ worker process side
 
@@ -363,6 +494,7 @@ class GalleryAPI(ls.LitAPI):
             settings = ServeSettings.from_mapping({**settings.to_dict(), "device": str(device)})
         self._executor = ThreadPoolExecutor(self.executor_threads, thread_name_prefix="gallery")
         self.gallery = Gallery.open(settings, stop=self.stop)
+        self.keys = KeyRing(settings.db_dir)
         logger.info("gallery worker ready: model %s, store %s", self.gallery.model_id, settings.db_dir)
 
     async def decode_request(self, request, **kwargs):
@@ -387,7 +519,42 @@ class GalleryAPI(ls.LitAPI):
 
     def _dispatch(self, request: dict) -> dict:
         with self._busy:
-            return self.gallery.dispatch(request)
+            return self._guarded(request)
+
+    def _guarded(self, request: dict) -> dict:
+        """Run one operation for its caller: key checks first (when the server requires keys)."""
+        caller = Caller.from_dict(request.get("caller"))
+        op, args = request.get("op"), dict(request.get("args") or {})
+        if op == "initialize":
+            return self._initialize(caller, args.get("user_name"))
+        user_id = args.get("user_id")
+        if self.auth:
+            self.keys.authorize(caller, user_id, admin_only=op in ADMIN_ONLY_OPS)
+        if op == "keys_rotate":
+            self.gallery.info(user_id)  # 404 for an unknown gallery
+            return {"user_id": user_id, "api_key": self.keys.issue(user_id)}
+        if op == "keys_revoke":
+            self.gallery.info(user_id)
+            return {"user_id": user_id, "revoked": self.keys.revoke(user_id)}
+        return self.gallery.dispatch({"op": op, "args": args})
+
+    def _initialize(self, caller: Caller, user_name) -> dict:
+        """Open or create a gallery; a new gallery's key is made here and answered once."""
+        from serving.errors import GalleryError
+
+        existing = self.gallery.store.find_user(user_name) if isinstance(user_name, str) else None
+        if self.auth and not caller.admin:
+            owner = self.keys.owner(caller.key_hash)
+            if caller.key_hash and owner is None:
+                raise unauthorized()
+            if existing is not None and owner != existing.user_id:
+                raise GalleryError(409, f"a gallery named {user_name!r} exists; open it with its key (or the admin "
+                                        "key), or choose another name")
+            if existing is None and not self.settings.is_loopback:
+                raise GalleryError(403, "on this server only the admin key creates galleries")
+        info = self.gallery.initialize(user_name)
+        info["api_key"] = self.keys.issue(info["user_id"]) if info.get("created") else None
+        return info
 
 
 def _install_worker_signals(stop: threading.Event, idle: "_Busy", grace_s: float = 4.0) -> None:
@@ -497,8 +664,9 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
                                       "upload_bytes": settings.max_upload_bytes + 65_536})],
         model_metadata={"app": "smart-gallery", "checkpoint": str(settings.checkpoint)},
     )
-    apply_route_options(server.app, GallerySpec.ROUTE_OPTIONS)
+    apply_route_options(server.app, route_options(settings.auth_enabled))
     install_web_page(server.app)
+    install_health(server.app, api.healthcheck_path)
     server.uvicorn_graceful_timeout = settings.graceful_shutdown_s
     return server
 

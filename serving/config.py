@@ -44,7 +44,8 @@ class ServeSettings:
     port: int = 8000
     db_path: str = "gallery_db"
     allowed_roots: list[str] = field(default_factory=list)
-    api_key: str | None = None
+    api_key: str | None = None      # the admin key
+    auth: str | bool = "auto"       # require per-gallery keys: auto = when api_key is set or off loopback
     device: str = "auto"
     bf16: str | bool = "auto"
     torch_threads: int | None = None
@@ -99,6 +100,16 @@ class ServeSettings:
     def is_loopback(self) -> bool:
         return host_is_loopback(self.host)
 
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests need a key (a gallery's, or the admin key). Always off loopback."""
+        value = str(self.auth).lower()
+        if value in ("true", "1", "yes", "on"):
+            return True
+        if value in ("false", "0", "no", "off"):
+            return not self.is_loopback
+        return bool(self.api_key) or not self.is_loopback
+
     def validate(self) -> None:
         """Refuse settings that are unsafe or that LitServe cannot run."""
         if self.host == "localhost":
@@ -120,6 +131,11 @@ class ServeSettings:
                     f"under configured folders and must require an API key; set {' and '.join(missing)}, "
                     "or bind to 127.0.0.1"
                 )
+        if str(self.auth).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigError(f"auth must be auto, true or false, got {self.auth!r}")
+        if not self.is_loopback and str(self.auth).lower() in ("false", "0", "no", "off"):
+            raise ConfigError("auth=false is allowed on loopback only: a server reachable from other machines "
+                              "requires keys")
         if self.api_key is not None and len(str(self.api_key)) < 16:
             raise ConfigError("api_key must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         if not 1024 <= int(self.port) <= 65535:

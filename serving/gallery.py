@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 OPERATIONS = ("initialize", "add_image", "add_folder", "search", "list_images", "delete_image", "reindex", "info",
               "image_info", "image_file", "thumbnail", "search_by_image", "upload", "add_folder_job", "job",
-              "cancel_job")
+              "cancel_job", "prune")
+MAX_PRUNE_LISTED = 1000
 UPLOAD_DIR = "uploads"
 TMP_DIR = "tmp"
 UPLOAD_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
@@ -207,6 +208,7 @@ class Gallery:
         report = IngestReport()
         entries = self.scan(folder, report)
         self.ingestor.ingest(user, entries, report)
+        self.remove_gone(user, folder, entries, report)
         seconds = time.perf_counter() - started
         out = report.as_dict()
         out["seconds"] = round(seconds, 4)
@@ -220,23 +222,30 @@ class Gallery:
         return str(self.policy.resolve(folder, "folder")) if folder else None
 
     def _ranked(self, user: User, vector: np.ndarray, top_k: int, offset: int, min_score: float | None,
-                folder: str | None, exclude: str | None = None) -> tuple[list[dict], int]:
-        """One page of the images nearest to `vector` (leaving out the image `exclude`)."""
+                folder: str | None, exclude: str | None = None) -> tuple[list[dict], int, int]:
+        """One page of the images nearest to `vector` (leaving out the image `exclude`), and how
+        many nearer records were skipped because their file is gone from the disk (a search never
+        names a file the server can see is gone; prune or re-adding the folder removes them)."""
         if not 1 <= int(top_k) <= MAX_TOP_K or not 0 <= int(offset) <= MAX_OFFSET:
             raise GalleryError(422, f"top_k must be 1..{MAX_TOP_K} and offset 0..{MAX_OFFSET}")
         folder_path = self._folder_filter(folder)
         total = self.store.count(user)
-        results = []
+        results, missing = [], 0
         if total:
-            wanted = offset + top_k + (1 if exclude else 0)
-            hits = self.store.query(user, vector, min(wanted, total), folder=folder_path)
-            if exclude:
-                hits = [hit for hit in hits if hit[0].id != exclude]
-            for rank, (record, score) in enumerate(hits[offset:offset + top_k], start=offset + 1):
+            wanted = offset + top_k
+            asked = min(wanted + (1 if exclude else 0), total)
+            for _ in range(3):  # ask for more while gone files leave the page short (bounded)
+                hits = self.store.query(user, vector, asked, folder=folder_path)
+                present = [hit for hit in hits if hit[0].id != exclude and os.path.isfile(hit[0].path)]
+                missing = sum(1 for hit in hits if hit[0].id != exclude) - len(present)
+                if len(present) >= wanted or asked >= total or not missing:
+                    break
+                asked = min(total, asked * 2 + missing)
+            for rank, (record, score) in enumerate(present[offset:offset + top_k], start=offset + 1):
                 if min_score is not None and score < min_score:
                     break
                 results.append({"rank": rank, "id": record.id, "path": record.path, "score": score})
-        return results, total
+        return results, total, missing
 
     def search(self, user_id: str, query: str, top_k: int = DEFAULT_TOP_K, offset: int = 0,
                min_score: float | None = None, folder: str | None = None, negative: str | None = None,
@@ -255,7 +264,7 @@ class Gallery:
             raise GalleryError(422, f"top_k must be 1..{MAX_TOP_K} and offset 0..{MAX_OFFSET}")
         user = self._user(user_id)
         self._require_model(user)
-        results, total = [], self.store.count(user)
+        results, total, missing = [], self.store.count(user), 0
         if not total:
             self._folder_filter(folder)  # the same validation as with images
         else:
@@ -263,9 +272,9 @@ class Gallery:
             if negatives and negative_weight > 0:
                 away = _normalise(np.mean([_normalise(self.embedder.embed_query(t)) for t in negatives], axis=0))
                 vector = _normalise(vector - float(negative_weight) * away)
-            results, total = self._ranked(user, vector, top_k, offset, min_score, folder)
+            results, total, missing = self._ranked(user, vector, top_k, offset, min_score, folder)
         return {"query": query, "negative_terms": negatives, "results": results, "top_k": top_k, "offset": offset,
-                "total_images": total, "model_id": self.model_id}
+                "total_images": total, "model_id": self.model_id, "missing_skipped": missing}
 
     # ---------------------------------------------------------------- images by id
 
@@ -369,9 +378,9 @@ class Gallery:
                 tmp.unlink(missing_ok=True)
             vector = self.embedder.embed_images([decoded.pixels])[0]
             query = f"upload:{shown}"
-        results, total = self._ranked(user, _normalise(vector), top_k, offset, min_score, folder, exclude)
+        results, total, missing = self._ranked(user, _normalise(vector), top_k, offset, min_score, folder, exclude)
         return {"query": query, "negative_terms": [], "results": results, "top_k": top_k, "offset": offset,
-                "total_images": total, "model_id": self.model_id}
+                "total_images": total, "model_id": self.model_id, "missing_skipped": missing}
 
     def upload(self, user_id: str, data: bytes, filename: str | None = None) -> dict:
         """Save an uploaded image under uploads/<user_id>/ in the store folder, then add it.
@@ -433,6 +442,60 @@ class Gallery:
             raise bad_request(f"not a folder (to add one file use /images/add): {folder}")
         return folder
 
+    def remove_gone(self, user: User, folder: Path, entries: list, report: IngestReport) -> None:
+        """After a folder walk: remove the records under `folder` whose file is gone from the disk.
+
+        Only records the walk did not meet AND whose path is no longer a file are removed, so a
+        file that failed to decode this time, or one the walk skips (the store folder), stays."""
+        seen = {entry.id for entry in entries}
+        with self.store.user_lock(user.user_id):
+            gone = [r for r in self.store.records_under(user, str(folder))
+                    if r.id not in seen and not os.path.isfile(r.path)]
+            self.store.delete(user, [r.id for r in gone])
+        for record in gone:
+            self.thumbnails.remove(record.id)
+            report.removed.append({"id": record.id, "path": record.path})
+        if gone:
+            logger.info("removed %d records of files gone from %s", len(gone), folder)
+
+    def prune(self, user_id: str, dry_run: bool = False) -> dict:
+        """Check every stored path: remove the records of files gone from the disk (only report
+        them with `dry_run`), report files changed since they were indexed and files now outside
+        the allowed roots (kept: the roots may be changed back)."""
+        user = self._user(user_id)
+        started = time.perf_counter()
+        checked, missing, found = 0, [], []
+        for batch in self.store.iter_records(user):
+            for record in batch:
+                checked += 1
+                try:
+                    stat = os.stat(record.path)
+                except (FileNotFoundError, NotADirectoryError):
+                    missing.append(record)
+                    continue
+                except OSError:  # unreadable now (permissions): not proof that it is gone
+                    continue
+                if not os.path.isfile(record.path):
+                    missing.append(record)
+                elif not self.policy.allows(Path(record.path).resolve()):
+                    found.append({"id": record.id, "path": record.path, "reason": "outside_roots"})
+                elif stat.st_size != record.size or stat.st_mtime_ns != record.mtime_ns:
+                    found.append({"id": record.id, "path": record.path, "reason": "changed"})
+        if missing and not dry_run:
+            with self.store.user_lock(user.user_id):
+                current = self.store.get_records(user, [r.id for r in missing])
+                gone = [r for r in current.values() if not os.path.isfile(r.path)]  # not re-added meanwhile
+                self.store.delete(user, [r.id for r in gone])
+            for record in gone:
+                self.thumbnails.remove(record.id)
+            missing = gone
+        files = [{"id": r.id, "path": r.path, "reason": "missing"} for r in missing] + found
+        logger.info("prune %s: %d checked, %d missing (%s), %d changed", user.user_name, checked, len(missing),
+                    "reported" if dry_run else "removed", sum(f["reason"] == "changed" for f in found))
+        return {"user_id": user.user_id, "checked": checked, "removed": 0 if dry_run else len(missing),
+                "changed": sum(f["reason"] == "changed" for f in found), "dry_run": bool(dry_run),
+                "files": files[:MAX_PRUNE_LISTED], "seconds": round(time.perf_counter() - started, 4)}
+
     def add_folder_job(self, user_id: str, folder_path: str) -> dict:
         """Check the request like add_folder, then run it as a background job; returns its id."""
         user = self._user(user_id)
@@ -443,6 +506,7 @@ class Gallery:
             entries = self.scan(folder, job.report)
             job.total = len(entries)
             self.ingestor.ingest(self._user(user_id), entries, job.report, progress=job.advance, cancel=job.cancel)
+            self.remove_gone(self._user(user_id), folder, entries, job.report)
 
         job = self.jobs.submit(user.user_id, "add-folder", str(folder), work)
         return {"job_id": job.job_id, "state": job.state}

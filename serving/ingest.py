@@ -70,6 +70,7 @@ class IngestReport:
     ignored: int = 0
     duplicates: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    removed: list[dict] = field(default_factory=list)  # {"id", "path"} of records whose file left the folder
     outcomes: dict[str, dict] = field(default_factory=dict)  # image id -> {"status", ...}
 
     def fail(self, path: str, error: GalleryError, image_id_: str | None = None) -> None:
@@ -81,7 +82,8 @@ class IngestReport:
         return {
             "added": self.added, "updated": self.updated, "unchanged": self.unchanged,
             "duplicates": len(self.duplicates), "failed": len(self.failures), "ignored": self.ignored,
-            "duplicate_files": self.duplicates, "failed_files": self.failures,
+            "removed": len(self.removed), "duplicate_files": self.duplicates, "failed_files": self.failures,
+            "removed_files": self.removed,
         }
 
 

@@ -38,7 +38,8 @@ class PathPolicy:
             raise bad_request(f"{what} must be an absolute path on the server, got {raw!r}")
         try:
             resolved = path.resolve()
-        except (OSError, RuntimeError) as error:  # symlink loop, name too long...
+            os.fsencode(resolved)
+        except (OSError, RuntimeError, ValueError) as error:  # symlink loop, name too long, lone surrogate...
             raise bad_request(f"{what} cannot be resolved: {raw!r}: {error}") from None
         self.check(resolved, raw)
         return resolved

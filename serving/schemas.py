@@ -14,6 +14,7 @@ DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 MAX_OFFSET = 1000
 MAX_LIST_LIMIT = 1000
+MAX_LIST_OFFSET = 1_000_000_000  # Chroma takes a u32 offset; a bigger one was a 500 (issue 9)
 MAX_PATH_CHARS = 4096
 DEFAULT_NEGATIVE_WEIGHT = 0.7
 
@@ -81,8 +82,17 @@ class SearchByImageUploadOptions(_Request):
 # ---------------------------------------------------------------- responses
 
 
+class ErrorResponse(BaseModel):
+    """Every error answer: `detail` is a sentence for a person, or FastAPI's list of field errors (422)."""
+    detail: str | list[dict] = Field(description="What went wrong and what to do; a list of field errors for "
+                                                 "an invalid request (422).")
+
+
 class InitializeResponse(BaseModel):
-    user_id: str = Field(description="Pass as ?user_id= on every other request.")
+    user_id: str = Field(description="Pass as ?user_id= on every other request (not a secret).")
+    api_key: str | None = Field(None, description="The gallery's API key: returned once, when the gallery is created "
+                                                  "(only its hash is stored). Send it as X-API-Key when the server "
+                                                  "requires keys.")
     user_name: str
     created: bool = Field(description="False when a gallery with this name already existed.")
     model_id: str = Field(description="Model whose embeddings the gallery holds.")
@@ -117,6 +127,8 @@ class FailedFile(BaseModel):
 
 class AddFolderResponse(BaseModel):
     added: int
+    removed: int = Field(0, description="Records of files under the folder that are gone from the disk: removed.")
+    removed_files: list[ImageRef] = Field(default_factory=list)
     updated: int = Field(description="Files whose content changed since they were added: re-embedded.")
     unchanged: int
     duplicates: int = Field(description="Files identical to a stored image at another path: not stored.")
@@ -143,6 +155,8 @@ class SearchResponse(BaseModel):
     offset: int
     total_images: int
     model_id: str
+    missing_skipped: int = Field(0, description="Nearer records left out because their file is gone from the disk "
+                                                "(POST /db/prune removes them).")
 
 
 class ImageInfo(BaseModel):
@@ -159,6 +173,33 @@ class ImageDetailResponse(ImageInfo):
     height: int | None
     media_type: str
     exists: bool = Field(description="False when the file is gone since it was indexed.")
+
+
+class KeyResponse(BaseModel):
+    user_id: str
+    api_key: str = Field(description="The gallery's new key (shown once); the previous key stops working.")
+
+
+class RevokeKeyResponse(BaseModel):
+    user_id: str
+    revoked: bool = Field(description="False when the gallery had no key.")
+
+
+class PrunedFile(BaseModel):
+    id: str
+    path: str
+    reason: Literal["missing", "changed", "outside_roots"]
+
+
+class PruneResponse(BaseModel):
+    user_id: str
+    checked: int
+    removed: int = Field(description="Records removed (files gone from the disk); 0 with dry_run.")
+    changed: int = Field(description="Files whose size or modification time differ from the record (reported; "
+                                     "adding them again re-embeds them).")
+    dry_run: bool
+    files: list[PrunedFile] = Field(description="Each gone or changed file (at most 1,000 listed).")
+    seconds: float
 
 
 class ListImagesResponse(BaseModel):
@@ -210,6 +251,7 @@ class JobResponse(BaseModel):
     duplicates: int
     failed: int
     ignored: int
+    removed: int = Field(0, description="Records of files gone from the folder, removed when the walk ended.")
     failed_files: list[FailedFile]
     images_per_second: float = Field(description="Files handled per second since the job started.")
     created_at: float

@@ -4,6 +4,7 @@ an API key, so every safety rule is exercised here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -47,7 +48,7 @@ def env(tmp_path_factory):
         while client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "worker did not become ready"
             time.sleep(0.2)
-        yield {"client": client, "root": root, "outside": outside, "model_id": model_id}
+        yield {"client": client, "root": root, "outside": outside, "model_id": model_id, "db": base / "db"}
 
 
 def post(client, path, body, headers=AUTH, **params):
@@ -86,12 +87,51 @@ def test_health_docs_and_openapi(env):
 def test_api_key_is_required(env):
     client = env["client"]
     body = {"user_name": "keyed"}
-    assert post(client, "/db/initialize", body, headers={}).status_code == 401
+    created = post(client, "/db/initialize", body, headers={})  # loopback: anyone may create a gallery
+    assert created.status_code == 200 and created.json()["created"], created.text
+    key, uid = created.json()["api_key"], created.json()["user_id"]
+    assert key.startswith("sgk_") and len(key) > 40
+    assert post(client, "/db/initialize", body, headers={}).status_code == 409  # opening it needs its key
     wrong = post(client, "/db/initialize", body, headers={"X-API-Key": "wrong-key-wrong-key"})
     assert wrong.status_code == 401 and "API key" in wrong.json()["detail"]
     assert post(client, "/db/initialize", body, headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert post(client, "/db/initialize", body, headers=AUTH).status_code == 200
-    assert post(client, "/db/initialize", body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    for headers in ({"X-API-Key": key}, AUTH, {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {key}"}):
+        again = post(client, "/db/initialize", body, headers=headers)
+        assert again.status_code == 200 and again.json()["user_id"] == uid and again.json()["api_key"] is None
+    assert client.get("/db/info", params={"user_id": uid}).status_code == 401
+
+
+def test_gallery_keys_open_their_own_gallery_only(env):
+    client, root = env["client"], env["root"]
+    mine = post(client, "/db/initialize", {"user_name": "key-mine"}, headers={}).json()
+    theirs = post(client, "/db/initialize", {"user_name": "key-theirs"}, headers={}).json()
+    me, them = {"X-API-Key": mine["api_key"]}, {"X-API-Key": theirs["api_key"]}
+    added = post(client, "/images/add", {"image_path": str(root / "album" / "a5.jpg")}, headers=me,
+                 user_id=mine["user_id"])
+    assert added.status_code == 200, added.text
+    image = added.json()["id"]
+    assert client.get("/db/info", params={"user_id": mine["user_id"]}, headers=me).status_code == 200
+    for path in ("/db/info", "/images", f"/images/{image}", f"/images/{image}/file"):  # another key: 404, as unknown
+        response = client.get(path, params={"user_id": mine["user_id"]}, headers=them)
+        assert response.status_code == 404, (path, response.text)
+    assert post(client, "/images/search", {"query": "x"}, headers=them, user_id=mine["user_id"]).status_code == 404
+    assert client.get("/db/info", params={"user_id": mine["user_id"]}, headers=AUTH).status_code == 200  # admin
+
+    rotated = client.post("/db/keys/rotate", params={"user_id": mine["user_id"]}, headers=me)
+    assert rotated.status_code == 200 and rotated.json()["api_key"] != mine["api_key"]
+    fresh = {"X-API-Key": rotated.json()["api_key"]}
+    assert client.get("/db/info", params={"user_id": mine["user_id"]}, headers=me).status_code == 401  # old key dead
+    assert client.get("/db/info", params={"user_id": mine["user_id"]}, headers=fresh).status_code == 200
+    assert client.post("/db/keys/revoke", params={"user_id": mine["user_id"]}, headers=fresh).status_code == 403
+    revoked = client.post("/db/keys/revoke", params={"user_id": mine["user_id"]}, headers=AUTH)
+    assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+    assert client.get("/db/info", params={"user_id": mine["user_id"]}, headers=fresh).status_code == 401
+    assert client.get("/images", params={"user_id": mine["user_id"]}, headers=AUTH).json()["total"] == 1
+
+    stored = (env["db"] / "keys.json").read_text()  # only hashes are kept
+    for key in (mine["api_key"], theirs["api_key"], rotated.json()["api_key"]):
+        assert key not in stored
+    assert hashlib.sha256(theirs["api_key"].encode()).hexdigest() in stored
 
 
 def test_add_search_list_delete(env):
