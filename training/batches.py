@@ -2,6 +2,10 @@
 
 Both sources yield `Batch`es holding the frozen prefixes' outputs, so the train step is the
 same either way: run the trainable suffixes and heads, then the loss.
+
+Under torchrun each process reads its `Shard` of every epoch (training/distributed.py): the
+same epoch order on every rank, every world_size-th position, so `batch_size` stays the global
+batch and `len()` the number of global batches.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from data.dataset import FailureLog, ImageCaptionDataset, collate_skipping_failu
 from data.mixture import mixture_epoch_indices, mixture_sources
 from data.records import Sample
 from data.transforms import tokenize, train_transform
+from training.distributed import Shard
 from training.features import DiskCache, TextPrefixes, autocast_for, image_prefixes, text_prefixes
 
 
@@ -37,7 +42,8 @@ class CachedBatches:
 
     def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
                  batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
-                 cache_dir: str | None = None, views: int = 1, weights: dict | None = None):
+                 cache_dir: str | None = None, views: int = 1, weights: dict | None = None,
+                 shard: Shard = Shard()):
         paths = [s.image_path for s in samples]
         disk = DiskCache(cache_dir)
         key = disk.key(model.image_encoder, preprocessing, paths, views)
@@ -62,6 +68,7 @@ class CachedBatches:
         self.texts = texts
         self.text = self._text_prefixes(model, tokenizer, texts, preprocessing.max_tokens, device, use_bf16, disk)
         self.batch_size, self.device, self.views = batch_size, device, views
+        self.shard, self.local_batch_size = shard, shard.local_batch_size(batch_size)
         self.weights, self.sources = weights, mixture_sources(self.samples, weights)
 
     @staticmethod
@@ -90,8 +97,9 @@ class CachedBatches:
             order = torch.randperm(len(self.samples), generator=generator)
             picks = torch.rand(len(self.samples), generator=generator)[order]
             view_of = torch.randint(self.views, (len(self.samples),), generator=generator)[order]
+        mine = self.shard.positions(len(order), self.batch_size)
         for b in range(skip_batches, len(self)):
-            span = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            span = mine[b * self.local_batch_size : (b + 1) * self.local_batch_size]
             rows = order[span]
             text_rows = torch.tensor([
                 self.caption_rows[i][int(p * len(self.caption_rows[i]))] for i, p in zip(rows.tolist(), picks[span])
@@ -113,12 +121,13 @@ class StreamingBatches:
 
     def __init__(self, model, tokenizer, samples: list[Sample], preprocessing, device, use_bf16: bool,
                  batch_size: int, caption_augmentation: bool, num_workers: int, failures: FailureLog,
-                 weights: dict | None = None):
+                 weights: dict | None = None, shard: Shard = Shard()):
         self.model, self.tokenizer, self.preprocessing = model, tokenizer, preprocessing
         self.samples = samples
         self.dataset = ImageCaptionDataset(samples, train_transform(preprocessing), preprocessing.image_size,
                                            caption_augmentation)
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.shard, self.local_batch_size = shard, shard.local_batch_size(batch_size)
         self.device, self.use_bf16, self.failures = device, use_bf16, failures
         self.weights, self.sources = weights, mixture_sources(samples, weights)
 
@@ -126,18 +135,24 @@ class StreamingBatches:
         return len(self.samples) // self.batch_size
 
     def epoch(self, seed: int, epoch: int, skip_batches: int = 0):
-        random.seed(seed * 100_003 + epoch)  # caption choice in the main process (num_workers=0)
+        # Caption choice in the main process (num_workers=0); each rank draws its own.
+        random.seed(seed * 100_003 + epoch + 7_919 * self.shard.rank)
         if self.sources:  # several datasets: weighted draw (data.mixture)
-            sampler = mixture_epoch_indices(self.sources, self.weights, epoch_generator(seed, epoch)).tolist()
+            order = mixture_epoch_indices(self.sources, self.weights, epoch_generator(seed, epoch))
         else:
-            sampler = RandomSampler(self.dataset, generator=epoch_generator(seed, epoch))
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            order = torch.tensor(list(RandomSampler(self.dataset, generator=epoch_generator(seed, epoch))))
+        sampler = order[self.shard.positions(len(order), self.batch_size)].tolist()
+        loader = DataLoader(self.dataset, batch_size=self.local_batch_size, sampler=sampler, drop_last=True,
                             num_workers=self.num_workers, collate_fn=collate_skipping_failures,
                             worker_init_fn=_seed_worker)
         for number, batch in enumerate(loader):
             for index, reason in batch["failed"]:
                 self.failures.add(self.samples[index].image_path, reason)
-            if number < skip_batches or batch["pixels"] is None or len(batch["index"]) < 2:
+            if number < skip_batches:
+                continue
+            if batch["pixels"] is None or len(batch["index"]) < 2:
+                if self.shard.world_size > 1:
+                    yield None  # the other ranks must learn that this rank has no pairs to train on
                 continue
             tokens = tokenize(self.tokenizer, batch["captions"], self.preprocessing.max_tokens)
             with torch.no_grad(), autocast_for(self.device, self.use_bf16):

@@ -3,6 +3,10 @@
 A run folder holds: `.hydra/` (the resolved config), `metrics.csv` (one row per epoch),
 `last/` (checkpoint + optimizer/scheduler/RNG state, for resume) and `best/` (the
 checkpoint with the best validation metric).
+
+Under torchrun the loop runs once per process; what differs between ranks (their shard of the
+data, the gathered loss, who validates and writes) is in training/distributed.py, passed in as
+`dist`. Only rank 0 validates, writes the run folder and shows progress.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from data.records import select_split
 from data.transforms import Preprocessing
 from training.batches import CachedBatches, StreamingBatches
 from training.checkpoint import bf16_is_fast, save_checkpoint
+from training.distributed import Distributed
 from training.features import autocast_for
-from training.loss import contrastive_loss, same_caption_mask
 from training.model import build_model
 from training.optim import build_optimizer, warmup_cosine
 from training.validation import Validator
@@ -71,17 +75,24 @@ def trained_dataset_names(data_cfg) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: str | Path):
+    def __init__(self, cfg, run_dir: str | Path, dist: Distributed | None = None):
         self.cfg, self.tcfg = cfg, cfg.trainer
+        self.dist = dist or Distributed()
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.device = pick_device(self.tcfg.device)
+        self.device = self.dist.device(self.tcfg.device)
         self.use_bf16 = bf16_is_fast(self.device) if self.tcfg.precision == "auto" else self.tcfg.precision == "bf16"
         torch.set_num_threads(self.tcfg.num_threads or torch.get_num_threads())
 
         self.model, self.tokenizer = build_model(cfg.model)
         self.model.to(self.device)
+        self.step_module = self.dist.wrap(self.model)  # DDP under torchrun
+        if self.dist.enabled:
+            log.info("%s: global batch %d, %d per process", self.dist.describe(), self.tcfg.batch_size,
+                     self.tcfg.batch_size // self.dist.world_size)
+            torch.manual_seed(cfg.seed + self.dist.rank)  # augmentations differ between ranks
         self.preprocessing = preprocessing_of(cfg.model)
         self.failures = FailureLog()
         samples = read_samples(cfg.data)
@@ -99,18 +110,19 @@ class Trainer:
         common = dict(model=self.model, tokenizer=self.tokenizer, preprocessing=self.preprocessing,
                       device=self.device, use_bf16=self.use_bf16, num_workers=self.tcfg.num_workers,
                       failures=self.failures)
+        shard = self.dist.shard
         if self.tcfg.cache_features:
             self.batches = CachedBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
                                          caption_augmentation=cfg.data.caption_augmentation,
                                          cache_dir=self.tcfg.cache_dir, views=self.tcfg.cache_views, weights=weights,
-                                         **common)
+                                         shard=shard, **common)
         else:
             self.batches = StreamingBatches(samples=train_samples, batch_size=self.tcfg.batch_size,
                                             caption_augmentation=cfg.data.caption_augmentation, weights=weights,
-                                            **common)
+                                            shard=shard, **common)
         if len(self.batches) == 0:
             raise ValueError(f"{len(train_samples)} training samples do not fill one batch of {self.tcfg.batch_size}")
-        self.validator = Validator(samples=val_samples, **common) if val_samples else None
+        self.validator = Validator(samples=val_samples, **common) if val_samples and self.dist.is_main else None
 
         self.accumulate = self.tcfg.accumulate_grad_batches
         self.steps_per_epoch = max(1, len(self.batches) // self.accumulate)
@@ -129,16 +141,18 @@ class Trainer:
         started = time.monotonic()
         deadline = started + 60 * self.tcfg.max_minutes if self.tcfg.max_minutes else math.inf
         last_metrics: dict = {}
-        while self.step < self.total_steps and time.monotonic() < deadline:
+        while self.step < self.total_steps and not self.out_of_time(deadline):
             epoch = self.epoch
             train_stats = self.train_epoch(deadline)
             if self.batch_in_epoch == 0:
                 self.epoch += 1  # before saving, so a resume starts the next epoch
             last_metrics = {"epoch": epoch, "step": self.step, **train_stats, **self.validate(),
                             "elapsed_s": round(time.monotonic() - started, 1), "skipped_images": len(self.failures)}
-            self.append_metrics(last_metrics)
-            self.save(last_metrics)
-        if len(self.failures):
+            if self.dist.is_main:
+                self.append_metrics(last_metrics)
+                self.save(last_metrics)
+            self.dist.barrier()  # the other ranks wait for validation and the checkpoint
+        if len(self.failures) and self.dist.is_main:
             (self.run_dir / "skipped_images.txt").write_text("\n".join(self.failures.reasons.values()) + "\n")
             log.warning("%d unreadable images were skipped; list in %s", len(self.failures),
                         self.run_dir / "skipped_images.txt")
@@ -148,19 +162,24 @@ class Trainer:
         self.model.train()
         total_batches = len(self.batches)
         progress = tqdm(total=total_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
-                        unit="batch", dynamic_ncols=True)
+                        unit="batch", dynamic_ncols=True, disable=not self.dist.is_main)
         loss_sum, seen, tick = 0.0, 0, time.monotonic()
         for batch in self.batches.epoch(self.cfg.seed, self.epoch, skip_batches=self.batch_in_epoch):
-            loss = self.training_loss(batch)
-            (loss / self.accumulate).backward()
+            if not self.dist.all_true(batch is not None):
+                continue  # some rank's whole share of this batch was unreadable: every rank skips it
+            boundary = (self.batch_in_epoch + 1) % self.accumulate == 0
+            with self.dist.no_sync(self.step_module, boundary):
+                loss = self.training_loss(batch)
+                (loss / self.accumulate).backward()
+            value, count = self.dist.global_value(loss, len(batch.captions))
             self.batch_in_epoch += 1
-            loss_sum, seen = loss_sum + loss.item() * len(batch.captions), seen + len(batch.captions)
-            if self.batch_in_epoch % self.accumulate == 0:
+            loss_sum, seen = loss_sum + value * count, seen + count  # the global batch's
+            if boundary:
                 self.optimizer_step()
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}", scale=f"{self.model.logit_scale.exp().item():.1f}",
+            progress.set_postfix(loss=f"{value:.3f}", scale=f"{self.model.logit_scale.exp().item():.1f}",
                                  samples_s=f"{seen / max(1e-9, time.monotonic() - tick):.0f}")
-            if self.step >= self.total_steps or time.monotonic() >= deadline:
+            if self.step >= self.total_steps or self.out_of_time(deadline):
                 break
         progress.close()
         if self.batch_in_epoch >= total_batches - total_batches % self.accumulate:
@@ -170,11 +189,11 @@ class Trainer:
                 "lr": self.scheduler.get_last_lr()[-1], "samples_per_s": seen / max(1e-9, elapsed)}
 
     def training_loss(self, batch) -> torch.Tensor:
+        """The loss to back-propagate (under torchrun, this rank's share: see Distributed.loss)."""
         with autocast_for(self.device, self.use_bf16):
-            image_emb = self.model.embed_image_prefix(batch.image_prefix)
-            text_emb = self.model.embed_text_prefix(batch.text_prefix)
-        positives = same_caption_mask(batch.captions, self.device) if self.cfg.loss.shared_caption_positives else None
-        return contrastive_loss(image_emb, text_emb, self.model.logit_scale, positives)
+            image_emb, text_emb, logit_scale = self.step_module(batch.image_prefix, batch.text_prefix)
+        captions = batch.captions if self.cfg.loss.shared_caption_positives else None
+        return self.dist.loss(image_emb, text_emb, logit_scale, captions)
 
     def optimizer_step(self) -> None:
         if self.tcfg.grad_clip_norm:
@@ -185,6 +204,12 @@ class Trainer:
         self.model.clamp_logit_scale()
         self.scheduler.step()
         self.step += 1
+
+    def out_of_time(self, deadline: float) -> bool:
+        """Past `trainer.max_minutes`; under torchrun all ranks stop together (rank 0's clock)."""
+        if deadline == math.inf:
+            return False
+        return bool(self.dist.broadcast(time.monotonic() >= deadline))
 
     def validate(self) -> dict:
         if self.validator is None:

@@ -7,22 +7,30 @@ import torch.nn.functional as F
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                     positives: torch.Tensor | None = None) -> torch.Tensor:
+                     positives: torch.Tensor | None = None, all_image: torch.Tensor | None = None,
+                     all_text: torch.Tensor | None = None, first_row: int = 0) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy over the batch.
 
     `positives` (bool [B, B], diagonal set) marks pairs that match even off the diagonal,
     e.g. two images with the same caption: without it the loss would push apart embeddings
     that should be identical. Targets spread uniformly over each row's positives.
+
+    Data-parallel training (training/distributed.py) scores only its own rows: `image_emb` and
+    `text_emb` are this process's b pairs, `all_image` / `all_text` the whole global batch's
+    [B, D] with these pairs at rows first_row.., and `positives` is [b, B]. The result is the
+    mean over the b local rows; with the defaults (all = local) it is the loss of the batch.
     """
-    logits = logit_scale.exp() * image_emb @ text_emb.T
+    all_image = image_emb if all_image is None else all_image
+    all_text = text_emb if all_text is None else all_text
+    scale = logit_scale.exp()
+    image_to_text = scale * image_emb @ all_text.T
+    text_to_image = scale * text_emb @ all_image.T
     if positives is None:
-        labels = torch.arange(len(logits), device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        labels = torch.arange(len(image_emb), device=image_emb.device) + first_row
+        return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
     targets = positives.float()
-    return 0.5 * (
-        F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
-        + F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))
-    )
+    targets = targets / targets.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
 
 
 def same_caption_mask(captions: list[str], device=None) -> torch.Tensor:

@@ -199,6 +199,8 @@ def build_text_encoder(cfg, pretrained: bool, bert_config: dict | None = None):
             vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, intermediate_size=cfg.hidden_size * 2,
             max_position_embeddings=cfg.max_tokens,
+            # BertConfig's default 0.1; 0 makes a step deterministic (the DDP equivalence test).
+            hidden_dropout_prob=cfg.get("dropout", 0.1), attention_probs_dropout_prob=cfg.get("dropout", 0.1),
         )
         return TextEncoder(BertModel(config, add_pooling_layer=False), cfg.trainable_layers, cfg.pooling), tokenizer
     raise ValueError(f"unknown text encoder arch {cfg.arch!r}")
