@@ -4,7 +4,9 @@
     schemas.py    pydantic request/response models (what /docs shows)
     paths.py      the allowed-roots policy (resolved paths; `..` and symlinks cannot escape)
     store.py      GalleryStore: one Chroma collection per user, user registry, store lock
-    embedder.py   the checkpoint as an embedder, with query micro-batching
+    embedder.py   the checkpoint as an embedder (ONNX Runtime or eager PyTorch), query cache + batching
+    onnx_encoder.py, onnx_export.py, preprocess.py   the torch-free ONNX Runtime encoders, their export
+    query_cache.py, batching.py   the LRU of query embeddings, the query micro-batcher
     ingest.py     walk, hash, decode+embed pipeline, dedup rules
     gallery.py    every API operation as a method (model-id checks, re-index)
     thumbnails.py JPEG thumbnails cached on disk under the store folder (ETag = file version)

@@ -1,25 +1,48 @@
 """The model side of serving: a loaded checkpoint that turns images and queries into vectors.
 
-Concurrent search requests run on several threads; their queries are gathered into one
-text-encoder batch (`QueryBatcher`) instead of each thread running the encoder on its own and
-fighting over the same cores.
+Two backends with one interface (`embed_images`, `embed_texts`, `transform`, `preprocessing`):
+- ONNX Runtime (`serving.onnx_encoder`), the default on CPU: faster on a small CPU, and the
+  gallery worker then never imports torch, which halves its memory (docs/benchmarks.md). The
+  graphs are exported once per model by a child process and verified against eager fp32
+  (cosine >= 0.999) before they are used.
+- eager PyTorch (`training.checkpoint`): on CUDA, when bf16 is asked for, when
+  `SMART_GALLERY_ENCODER=torch`, or when the export fails (logged, never silent).
+`SMART_GALLERY_ENCODER=onnx` makes an export failure an error instead of a fallback.
+
+Search queries go through an LRU cache keyed by (model id, text) (`serving.query_cache`), then
+a micro-batcher (`serving.batching`): concurrent searches share one text-encoder run instead of
+each thread running the encoder on its own and fighting over the same cores. The batcher's
+thread runs the text encoder on one core: on a shared 2-core machine a second thread mostly
+waits for the busy other core (see `serving.onnx_encoder`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import Future
-from queue import Empty, SimpleQueue
+import os
 
 import numpy as np
-import torch
+
+from serving.batching import QueryBatcher
+from serving.query_cache import QueryCache
 
 logger = logging.getLogger(__name__)
 
+ENCODERS = ("auto", "onnx", "torch")
 
-class Embedder:
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class TorchEncoders:
+    """Eager PyTorch: the checkpoint as `training.checkpoint.load_checkpoint` loads it."""
+
+    backend = "torch"
+
     def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None):
+        import torch
+
         from training.checkpoint import load_checkpoint
 
         if threads:
@@ -29,61 +52,81 @@ class Embedder:
         self.preprocessing = self.checkpoint.preprocessing
         self.transform = self.checkpoint.image_transform
         self.dim = int(self.embed_texts(["dimension probe"]).shape[1])
-        self._batcher = QueryBatcher(self.embed_texts)
 
-    def embed_images(self, pixels: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
-        if isinstance(pixels, list):
-            pixels = torch.stack(pixels)
-        return self.checkpoint.embed_images(pixels).numpy()
+    def embed_images(self, pixels) -> np.ndarray:
+        import torch
+
+        if isinstance(pixels, (list, tuple)):
+            pixels = torch.stack([torch.as_tensor(p) for p in pixels])
+        return self.checkpoint.embed_images(torch.as_tensor(pixels)).numpy()
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.checkpoint.embed_texts(list(texts)).numpy()
 
-    def embed_query(self, text: str) -> np.ndarray:
-        return self._batcher.embed(text)
+    @staticmethod
+    def query_thread_setup() -> None:
+        import torch
 
-    def close(self) -> None:
-        self._batcher.close()
+        torch.set_num_threads(1)  # per thread: the ingest threads keep every core
 
 
-class QueryBatcher:
-    """Coalesces queries that arrive while the encoder is busy into one batch."""
+def _choose(encoder: str, device: str, bf16) -> str:
+    if encoder not in ENCODERS:
+        raise ValueError(f"SMART_GALLERY_ENCODER must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+    if encoder != "auto":
+        return encoder
+    if str(device).startswith("cuda") or bf16 is True or str(bf16).lower() == "true":
+        return "torch"
+    if device == "auto" and os.path.exists("/proc/driver/nvidia/version"):
+        return "torch"  # a GPU may be there: let torch decide
+    return "onnx"
 
-    def __init__(self, embed_fn, max_batch: int = 32):
-        self._embed = embed_fn
-        self._max_batch = max_batch
-        self._queue: SimpleQueue = SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
-        self._thread.start()
 
-    def embed(self, text: str) -> np.ndarray:
-        future: Future = Future()
-        self._queue.put((text, future))
-        return future.result()
+class Embedder:
+    def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None,
+                 encoder: str | None = None, query_cache_size: int = 4096):
+        threads = int(threads or _cores())
+        choice = _choose(encoder or os.environ.get("SMART_GALLERY_ENCODER", "auto"), device, bf16)
+        self.encoders = None
+        if choice == "onnx":
+            from serving.onnx_encoder import OnnxEncoders, OnnxExportError
+            from serving.onnx_export import ensure_export
 
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
             try:
-                vectors = self._embed([text for text, _ in batch])
-                for (_, future), vector in zip(batch, vectors):
-                    future.set_result(vector)
-            except BaseException as error:  # hand the error to every waiting request
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
+                self.encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads, text_threads=1)
+            except OnnxExportError as error:
+                if encoder == "onnx" or os.environ.get("SMART_GALLERY_ENCODER") == "onnx":
+                    raise
+                logger.warning("%s; serving with eager PyTorch instead", error)
+        if self.encoders is None:
+            self.encoders = TorchEncoders(checkpoint, device, bf16, threads)
+        self.backend = self.encoders.backend
+        self.model_id = self.encoders.model_id
+        self.preprocessing = self.encoders.preprocessing
+        self.transform = self.encoders.transform
+        self.dim = self.encoders.dim
+        self.query_cache = QueryCache(query_cache_size)
+        self._batcher = QueryBatcher(self.encoders.embed_texts, on_start=getattr(self.encoders, "query_thread_setup", None))
+        logger.info("encoders: %s (model %s, %d threads for images, 1 for queries)", self.backend, self.model_id, threads)
+
+    def embed_images(self, pixels) -> np.ndarray:
+        return self.encoders.embed_images(pixels)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.encoders.embed_texts(list(texts))
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One search query's embedding (read-only): from the cache, else batched with concurrent ones."""
+        vector = self.query_cache.get(self.model_id, text)
+        if vector is None:
+            vector = self.query_cache.put(self.model_id, text, self._batcher.embed(text))
+        return vector
+
+    def stats(self) -> dict:
+        return {"backend": self.backend, "query_cache": self.query_cache.stats(),
+                "batches": self._batcher.batches, "batched_queries": self._batcher.queries,
+                "largest_batch": self._batcher.largest_batch}
+
+    def close(self) -> None:
+        logger.info("embedder stats: %s", self.stats())
+        self._batcher.close()

@@ -1,0 +1,256 @@
+"""The search fast path: query cache, micro-batcher, ONNX encoders, torch-free preprocessing.
+
+Real tiny checkpoints, real ONNX exports (in the user's cache folder, once per model id), real
+images; one real `python -m serving` process for concurrent searches over HTTP. Correctness only:
+speed and memory are measured by scripts/bench_serving.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.batching import QueryBatcher
+from serving.embedder import Embedder, TorchEncoders
+from serving.onnx_encoder import MIN_COSINE, OnnxEncoders
+from serving.onnx_export import ensure_export
+from serving.preprocess import ImageTransform, QueryTokenizer, ServingPreprocessing
+from serving.query_cache import QueryCache
+from tests.serving_fixtures import REPO, ServerProcess, image_array, tiny_checkpoint, write_image
+
+TEXTS = ["a dog", "beach at sunset", "a red car parked on a long street in the city at night", "x",
+         "Café in PARIS!", "two cats", "a photo of a mountain lake", "birthday cake with candles"]
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    checkpoint, _ = tiny_checkpoint(0)
+    e = Embedder(str(checkpoint), device="cpu", threads=1, encoder="onnx")
+    yield e
+    e.close()
+
+
+# ------------------------------------------------------------------ query cache
+
+def test_cache_is_keyed_by_model_id_and_text():
+    cache = QueryCache(max_entries=2)
+    vector = np.ones(4, dtype=np.float32)
+    stored = cache.put("model-a", "dog", vector)
+    assert cache.get("model-b", "dog") is None  # another model: never reused
+    assert cache.get("model-a", "Dog") is None
+    assert cache.get("model-a", "dog") is stored
+    assert not stored.flags.writeable  # a caller cannot corrupt later hits
+    vector[:] = 5  # nor by changing what it passed in
+    assert np.all(cache.get("model-a", "dog") == 1)
+    cache.put("model-a", "cat", vector)
+    cache.get("model-a", "dog")  # dog is now the most recent
+    cache.put("model-a", "bird", vector)  # evicts cat, the least recently used
+    assert cache.get("model-a", "cat") is None and cache.get("model-a", "dog") is not None
+    assert cache.stats()["entries"] == 2
+
+
+def test_embedder_query_cache_hits_and_model_ids(embedder):
+    first = embedder.embed_query("a dog on the beach")
+    misses = embedder.query_cache.misses
+    again = embedder.embed_query("a dog on the beach")
+    assert again is first and embedder.query_cache.misses == misses
+    assert np.allclose(first, embedder.embed_texts(["a dog on the beach"])[0], atol=1e-6)
+    other_checkpoint, other_id = tiny_checkpoint(1)
+    other = Embedder(str(other_checkpoint), device="cpu", threads=1, encoder="onnx")
+    try:
+        assert other.model_id == other_id != embedder.model_id
+        other.query_cache = embedder.query_cache  # one cache, two models
+        theirs = other.embed_query("a dog on the beach")
+        assert embedder.query_cache.misses == misses + 1  # a miss: the key holds the model id
+        assert cosine(theirs, first)[0] < 0.99
+        assert embedder.embed_query("a dog on the beach") is first
+    finally:
+        other.close()
+
+
+# ------------------------------------------------------------------ micro-batcher
+
+def test_concurrent_queries_share_a_batch_and_each_gets_its_own_embedding(embedder):
+    release = threading.Event()
+    calls = []
+
+    def gated(texts):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            release.wait(10)  # the first run holds the encoder while the others queue up
+        return embedder.embed_texts(texts)
+
+    batcher = QueryBatcher(gated, max_batch=32)
+    try:
+        with ThreadPoolExecutor(len(TEXTS)) as pool:
+            futures = [pool.submit(batcher.embed, text) for text in TEXTS]
+            while batcher._queue.qsize() < len(TEXTS) - 1:
+                threading.Event().wait(0.01)
+            release.set()
+            vectors = [f.result(10) for f in futures]
+    finally:
+        batcher.close()
+    assert len(calls) == 2 and sorted(calls[0] + calls[1]) == sorted(TEXTS)  # 1 alone, then 7 together
+    assert batcher.largest_batch == len(TEXTS) - 1
+    for text, vector in zip(TEXTS, vectors):
+        alone = embedder.embed_texts([text])[0]  # unbatched: no padding
+        assert cosine(vector, alone)[0] > 0.99999, text
+        assert np.allclose(vector, alone, atol=1e-5), text
+
+
+def test_batcher_hands_an_error_to_every_caller_and_keeps_going():
+    release = threading.Event()
+    calls = []
+
+    def flaky(texts):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            release.wait(10)
+            return np.zeros((len(texts), 2), dtype=np.float32)
+        if len(calls) == 2:
+            raise ValueError("encoder broke")
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    batcher = QueryBatcher(flaky)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(batcher.embed, "first")
+            while not calls:
+                threading.Event().wait(0.01)
+            queued = [pool.submit(batcher.embed, t) for t in ("a", "b", "c")]
+            while batcher._queue.qsize() < 3:
+                threading.Event().wait(0.01)
+            release.set()
+            assert np.all(first.result(10) == 0)
+            for future in queued:
+                with pytest.raises(ValueError, match="encoder broke"):
+                    future.result(10)
+        assert np.all(batcher.embed("later") == 1)
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.embed("after close")
+
+
+# ------------------------------------------------------------------ ONNX encoders and preprocessing
+
+def test_onnx_export_matches_eager_fp32(embedder, tmp_path):
+    checkpoint, _ = tiny_checkpoint(0)
+    assert embedder.backend == "onnxruntime"
+    manifest = json.loads((ensure_export(checkpoint) / "manifest.json").read_text())
+    assert min(manifest["min_cosine_image"], manifest["min_cosine_text"]) >= MIN_COSINE
+    eager = TorchEncoders(str(checkpoint), device="cpu", bf16=False, threads=1)
+    paths = [write_image(tmp_path / f"{i}.jpg", i, size=size) for i, size in
+             enumerate([(64, 48), (48, 64), (120, 30), (32, 32)])]
+    from data.images import load_image
+
+    images = [load_image(p, min_size=embedder.preprocessing.image_size) for p in paths]
+    served = embedder.embed_images([embedder.transform(i) for i in images])
+    reference = eager.embed_images([eager.transform(i) for i in images])
+    assert cosine(served, reference).min() >= MIN_COSINE
+    assert cosine(embedder.embed_texts(TEXTS), eager.embed_texts(TEXTS)).min() >= MIN_COSINE
+
+
+@pytest.mark.parametrize("resize", ["crop", "squash"])
+def test_image_transform_equals_torchvision(resize):
+    from data.transforms import Preprocessing, eval_transform
+
+    pre = Preprocessing(image_size=40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), max_tokens=16, resize=resize)
+    ours = ImageTransform(ServingPreprocessing.from_dict(pre.to_dict() | {"resize": resize}))
+    theirs = eval_transform(pre)
+    for seed, size in enumerate([(64, 48), (48, 64), (40, 40), (201, 33), (17, 90)]):
+        image = Image.fromarray(image_array(seed, size))
+        expected = theirs(image).numpy()
+        got = ours(image)
+        assert got.dtype == np.float32 and got.shape == expected.shape == (3, 40, 40)
+        assert np.abs(got - expected).max() < 1e-5
+
+
+def test_tokenizer_equals_transformers():
+    from transformers import AutoTokenizer
+
+    from data.transforms import tokenize
+
+    checkpoint, _ = tiny_checkpoint(0)
+    hf = AutoTokenizer.from_pretrained(str(checkpoint / "tokenizer"), local_files_only=True)
+    ours = QueryTokenizer(checkpoint / "tokenizer", max_tokens=8)
+    for batch in (TEXTS, TEXTS[:1], ["only one word"]):
+        expected = tokenize(hf, batch, 8)
+        got = ours(batch)
+        assert np.array_equal(got["input_ids"], expected["input_ids"].numpy())
+        assert np.array_equal(got["attention_mask"], expected["attention_mask"].numpy())
+
+
+def test_onnx_worker_imports_no_torch():
+    checkpoint, _ = tiny_checkpoint(0)
+    code = ("import sys; from serving.embedder import Embedder; import serving.gallery, serving.ingest; "
+            f"e = Embedder({str(checkpoint)!r}, device='cpu', encoder='onnx'); e.embed_query('dog'); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_onnx_encoders_refuse_another_models_export():
+    first, _ = tiny_checkpoint(0)
+    second, _ = tiny_checkpoint(1)
+    from serving.onnx_encoder import OnnxExportError
+
+    with pytest.raises(OnnxExportError, match="exported from model"):
+        OnnxEncoders(ensure_export(first), second)
+
+
+# ------------------------------------------------------------------ concurrent searches over HTTP
+
+def test_concurrent_searches_over_http_each_get_their_own_results(tmp_path, embedder):
+    """40 distinct queries from 20 clients at once (so batched in the worker) rank the images
+    exactly as each query's own, unbatched embedding does."""
+    from data.images import load_image
+    from serving.store import image_id
+
+    checkpoint, _ = tiny_checkpoint(0)
+    paths = [write_image(tmp_path / "pics" / f"p{index}.jpg", 300 + index) for index in range(12)]
+    size = embedder.preprocessing.image_size
+    stored = embedder.embed_images([embedder.transform(load_image(p, min_size=size)) for p in paths])
+    ids = [image_id(str(p.resolve())) for p in paths]
+    queries = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(40)]
+    expected = {}
+    for query in queries:
+        scores = cosine(stored, np.tile(embedder.embed_texts([query])[0], (len(paths), 1)))
+        order = np.argsort(-scores)[:5]
+        expected[query] = ([ids[i] for i in order], scores[order])
+    server = ServerProcess(checkpoint, tmp_path / "db", tmp_path).wait_ready()
+    try:
+        with server.client() as client:
+            uid = client.post("/db/initialize", json={"user_name": "burst"}).json()["user_id"]
+            added = client.post("/images/add-folder", params={"user_id": uid},
+                                json={"folder_path": str(tmp_path / "pics")}).json()
+            assert added["added"] == 12
+
+        def search(query):
+            with server.client() as own:
+                response = own.post("/images/search", params={"user_id": uid}, json={"query": query, "top_k": 5})
+            assert response.status_code == 200, response.text
+            return query, response.json()["results"]
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(search, queries))
+        for query, results in answers:
+            want_ids, want_scores = expected[query]
+            assert [r["id"] for r in results] == want_ids, query
+            assert np.allclose([r["score"] for r in results], want_scores, atol=1e-4), query
+    finally:
+        code, survivors = server.stop()
+        assert code == 0 and not survivors
