@@ -37,6 +37,7 @@ from typing import Optional
 
 import litserve as ls
 from fastapi import File, HTTPException, Path, Query, Request, Security, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
@@ -96,7 +97,8 @@ _IMAGE_CONTENT = {"content": {"image/*": {"schema": {"type": "string", "format":
 
 
 ERROR_TEXT = {
-    400: "Malformed request: a relative path, a folder where a file is expected, or the reverse.",
+    400: "Malformed request: a relative path, a folder where a file is expected (or the reverse), or a "
+         "malformed multipart body.",
     401: "Missing or unknown API key (the server requires keys).",
     403: "Outside the folders this server may read, or the admin key is needed.",
     404: "Unknown user_id, image id or job id (another gallery's ids answer the same), or a missing file.",
@@ -121,7 +123,7 @@ ROUTE_ERRORS = {
     ("/images/add-folder", "POST"): (400, 403, 404, 409, *_BODY),
     ("/images/search", "POST"): (400, 403, 404, 409, *_BODY),
     ("/images/search-by-image", "POST"): (400, 403, 404, 409, 415, *_BODY),
-    ("/images/upload", "POST"): (403, 404, 409, 415, *_BODY),
+    ("/images/upload", "POST"): (400, 403, 404, 409, 415, *_BODY),  # 400: malformed multipart
     ("/images", "GET"): (404,),
     ("/images/{image_id}", "GET"): (404,),
     ("/images/{image_id}", "DELETE"): (404,),
@@ -147,6 +149,8 @@ def route_options(auth: bool) -> dict:
         if key[0].endswith(("/thumbnail", "/file")):
             responses.update(_NOT_MODIFIED)
         options[key] = {**extra, "responses": responses}
+    if auth:  # LitServe's server info (names the checkpoint): the admin key only
+        options[("/info", "GET")] = {"responses": {401: {"model": ErrorResponse, "description": ERROR_TEXT[401]}}}
     return options
 
 
@@ -319,8 +323,8 @@ class GallerySpec(LitSpec):
         else:
             try:
                 body = SearchByImageRequest.model_validate_json(await request.body() or b"{}")
-            except ValidationError as error:
-                raise RequestValidationError(error.errors(include_url=False)) from None
+            except ValidationError as error:  # the input may be bytes that are not UTF-8: leave it out
+                raise RequestValidationError(error.errors(include_url=False, include_input=False)) from None
             args = body.model_dump()
         return SearchResponse(**await self._call("search_by_image", request, user_id=user_id, **args))
 
@@ -374,7 +378,7 @@ def _validated(model, values: dict):
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False)) from None
+        raise RequestValidationError(error.errors(include_url=False, include_input=False)) from None
 
 
 def _file_response(request: Request, info: dict, cache_control: str, filename: str | None = None) -> Response:
@@ -667,8 +671,15 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
     apply_route_options(server.app, route_options(settings.auth_enabled))
     install_web_page(server.app)
     install_health(server.app, api.healthcheck_path)
+    server.app.add_exception_handler(RequestValidationError, _validation_error)
     server.uvicorn_graceful_timeout = settings.graceful_shutdown_s
     return server
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 answer, safe for inputs that are not UTF-8 (its own handler raised on them: a 500)."""
+    detail = jsonable_encoder(error.errors(), custom_encoder={bytes: lambda raw: raw.decode("utf-8", "replace")})
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _cuda_wanted(settings: ServeSettings) -> bool:
