@@ -336,6 +336,17 @@ class GalleryStore:
         got = self.collection(user).get(where={"ancestors": {"$contains": str(folder)}}, include=["metadatas"])
         return [ImageRecord.from_metadata(rid, meta) for rid, meta in zip(got["ids"], got["metadatas"])]
 
+    def iter_vectors(self, user: User, batch: int = 1000) -> Iterator[tuple[list[ImageRecord], np.ndarray]]:
+        """Every record with its embedding, a page at a time (what a backup writes)."""
+        offset = 0
+        while True:
+            got = self.collection(user).get(offset=offset, limit=batch, include=["metadatas", "embeddings"])
+            if not got["ids"]:
+                return
+            records = [ImageRecord.from_metadata(rid, meta) for rid, meta in zip(got["ids"], got["metadatas"])]
+            yield records, np.asarray(got["embeddings"], dtype=np.float32)
+            offset += len(records)
+
     def iter_records(self, user: User, batch: int = 1000) -> Iterator[list[ImageRecord]]:
         offset = 0
         while True:
