@@ -1,4 +1,8 @@
-"""The gallery store: one ChromaDB collection per user in an embedded, persistent client.
+"""The gallery store: one ChromaDB collection per user, embedded or on a Chroma server.
+
+The client and the user registry come from a backend (serving/store_backend.py, the serve
+config's `store` group): embedded (below, the default) or a `chroma run` server shared by many
+gallery workers, whose registry is a collection of that server and whose folder is not locked.
 
 Layout of the store folder (`db_path`):
 
@@ -23,6 +27,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -39,6 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from serving.paths import ancestors
+from serving.store_backend import EmbeddedBackend
 
 logger = logging.getLogger(__name__)
 
@@ -137,34 +143,44 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         os.close(dir_fd)
 
 
-class GalleryStore:
-    def __init__(self, path: str | Path, ef_search: int = 400, ef_construction: int = 100, max_neighbors: int = 16):
-        import chromadb
-        from chromadb.config import Settings
+def make_backend(backend=None):
+    """A store backend from None (embedded), a config mapping with `_target_`, or a backend object."""
+    if backend is None:
+        return EmbeddedBackend()
+    if isinstance(backend, dict) or hasattr(backend, "keys"):
+        from hydra.utils import instantiate
 
+        return instantiate(dict(backend))
+    return backend
+
+
+class GalleryStore:
+    def __init__(self, path: str | Path, ef_search: int = 400, ef_construction: int = 100, max_neighbors: int = 16,
+                 backend=None):
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _FolderLock(self.path)
+        self.backend = make_backend(backend)
+        self._lock = None if self.backend.shared else _FolderLock(self.path)
         self.hnsw = {"space": "cosine", "ef_search": int(ef_search), "ef_construction": int(ef_construction),
                      "max_neighbors": int(max_neighbors)}
         try:
-            self.client = chromadb.PersistentClient(
-                path=str(self.path / CHROMA_DIR), settings=Settings(anonymized_telemetry=False, allow_reset=False)
-            )
+            self.client = self.backend.connect(self.path)
             self._registry_lock = threading.RLock()
             self._user_locks: dict[str, threading.Lock] = {}
             self._collections: dict[str, object] = {}
-            self._users: dict[str, User] = self._load_registry()
+            self.registry = self.backend.registry(self.client, self.path, User)
             self._remove_orphans()
         except BaseException:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
 
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         self._collections.clear()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -174,38 +190,28 @@ class GalleryStore:
 
     # ---------------------------------------------------------------- registry
 
-    def _load_registry(self) -> dict[str, User]:
-        file = self.path / REGISTRY_FILE
-        if not file.exists():
-            return {}
-        data = json.loads(file.read_text())
-        return {uid: User(user_id=uid, **entry) for uid, entry in data.get("users", {}).items()}
-
-    def _save_registry(self) -> None:
-        data = {"version": REGISTRY_VERSION, "users": {
-            u.user_id: {"user_name": u.user_name, "collection": u.collection, "created_at": u.created_at}
-            for u in self._users.values()
-        }}
-        _write_json_atomic(self.path / REGISTRY_FILE, data)
-
     def _remove_orphans(self) -> None:
-        referenced = {u.collection for u in self._users.values()}
+        referenced = {u.collection for u in self.registry.all()}
+        oldest = time.time() - self.backend.orphan_age_s  # a shared server: others may be filling new ones
         for collection in self.client.list_collections():
             if collection.name.startswith(COLLECTION_PREFIX) and collection.name not in referenced:
+                created = float((collection.metadata or {}).get("created_at", 0.0))
+                if self.backend.orphan_age_s and created > oldest:
+                    continue
                 logger.warning("removing collection %s left by an interrupted initialize/re-index", collection.name)
                 self.client.delete_collection(collection.name)
 
     def users(self) -> list[User]:
-        return list(self._users.values())
+        return self.registry.all()
 
     def get_user(self, user_id: str) -> User:
-        user = self._users.get(user_id) if isinstance(user_id, str) else None
+        user = self.registry.get(user_id) if isinstance(user_id, str) else None
         if user is None:
             raise UnknownUserError(user_id)
         return user
 
     def find_user(self, user_name: str) -> User | None:
-        return next((u for u in self._users.values() if u.user_name == user_name), None)
+        return self.registry.find(user_name)
 
     def get_or_create_user(self, user_name: str, model_id: str) -> tuple[User, bool]:
         with self._registry_lock:
@@ -215,8 +221,10 @@ class GalleryStore:
             user_id = uuid.uuid4().hex  # 122 random bits: not derivable from the name
             collection = self._create_collection(user_id, model_id, user_name)
             user = User(user_id=user_id, user_name=user_name, collection=collection.name, created_at=time.time())
-            self._users[user_id] = user
-            self._save_registry()
+            registered = self.registry.claim(user)  # atomic across processes on a shared server
+            if registered.user_id != user_id:  # another worker created this name a moment ago
+                self.abort_rebuild(collection)
+                return registered, False
             return user, True
 
     def user_lock(self, user_id: str) -> threading.Lock:
@@ -366,8 +374,7 @@ class GalleryStore:
         """Point the user at the rebuilt collection (one atomic registry write), then drop the old one."""
         with self._registry_lock:
             old = user.collection
-            self._users[user.user_id] = User(user.user_id, user.user_name, new_collection.name, user.created_at)
-            self._save_registry()
+            self.registry.save(dataclasses.replace(user, collection=new_collection.name))
             self._collections.pop(old, None)
             self._collections[new_collection.name] = new_collection
         try:
