@@ -59,6 +59,8 @@ class ServeSettings:
     log_level: str = "info"
     ingest: IngestSettings = field(default_factory=IngestSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    # The store backend (configs/store/, serving/store_backend.py): embedded or a Chroma server.
+    store: dict = field(default_factory=lambda: {"_target_": "serving.store_backend.EmbeddedBackend"})
 
     @classmethod
     def from_mapping(cls, values: dict) -> "ServeSettings":

@@ -97,7 +97,7 @@ class Gallery:
     def open(cls, settings: ServeSettings, stop: threading.Event | None = None) -> "Gallery":
         from serving.embedder import Embedder
 
-        store = GalleryStore(settings.db_dir, **vars(settings.index))
+        store = GalleryStore(settings.db_dir, **vars(settings.index), backend=settings.store)
         try:
             embedder = Embedder(settings.checkpoint, settings.device, settings.bf16,
                                 settings.torch_threads or settings.cores)
