@@ -15,6 +15,9 @@ running server and without an API key.
     python -m serving.cli index ~/Pictures --gallery me --checkpoint runs/x/best
     python -m serving.cli search "a red boat -people" --gallery me --checkpoint runs/x/best --top-k 5
     python -m serving.cli galleries
+    python -m serving.cli prune --gallery me [--dry-run]           # drop records of files gone from the disk
+    python -m serving.cli export --gallery me backup.npz            # vectors, records and model id in one file
+    python -m serving.cli import backup.npz --checkpoint runs/x/best [--gallery new-name] [--reindex]
 Settings: --checkpoint (or $SMART_GALLERY_CHECKPOINT), --db-path, and any key of
 configs/serve.yaml as --set key=value (e.g. --set allowed_roots=[/photos] ingest.batch_size=16).
 """
@@ -95,6 +98,7 @@ def cmd_index(args, settings: ServeSettings) -> int:
     gallery = open_gallery(settings)
     try:
         info = gallery.initialize(args.gallery)
+        new_key = _new_key(gallery, info)
         user = gallery.store.get_user(info["user_id"])
         gallery._require_model(user)
         folder = gallery._folder(str(target))
@@ -122,6 +126,8 @@ def cmd_index(args, settings: ServeSettings) -> int:
                 print(f"  failed: {failure['path']}: {failure['reason']}")
             if interrupted:
                 print("  the batches stored so far are kept; run the same command again to finish")
+            if new_key:
+                print(f"  the gallery's API key (shown once; needed when the server requires keys): {new_key}")
         return 130 if interrupted else 0
     finally:
         gallery.close()
@@ -142,6 +148,99 @@ def cmd_search(args, settings: ServeSettings) -> int:
         print("no results" if result["total_images"] else f"gallery {args.gallery!r} is empty: index a folder first")
     for hit in result["results"]:
         print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['path']}")
+    return 0
+
+
+def open_store_only(settings: ServeSettings):
+    """The gallery service without a model, for commands that never embed (prune, export)."""
+    from serving.gallery import Gallery, UPLOAD_DIR
+    from serving.paths import PathPolicy
+    from serving.store import GalleryStore, StoreLockedError
+
+    settings.db_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store = GalleryStore(settings.db_dir, **vars(settings.index))
+    except StoreLockedError:
+        raise StoreBusy(f"the store {settings.db_dir} is owned by a running server; stop it first, or use "
+                        "POST /db/prune?user_id=... on the server") from None
+    roots = list(settings.allowed_roots) + ([str(store.path / UPLOAD_DIR)] if settings.allowed_roots else [])
+    return Gallery(store, _NoModel(), PathPolicy(roots), settings)
+
+
+class _NoModel:
+    """Stands in for the embedder where no picture is embedded; using it is a bug, so it says so."""
+    model_id = None
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"this command has no model loaded (embedder.{name})")
+
+
+def _new_key(gallery, info: dict) -> str | None:
+    """A gallery created here gets its key like one created over HTTP (printed once)."""
+    if not info.get("created"):
+        return None
+    from serving.keys import KeyRing
+
+    return KeyRing(gallery.store.path).issue(info["user_id"])
+
+
+def cmd_prune(args, settings: ServeSettings) -> int:
+    gallery = open_store_only(settings)
+    try:
+        result = gallery.prune(find_user(gallery, args.gallery).user_id, dry_run=args.dry_run)
+    finally:
+        gallery.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    missing = [f for f in result["files"] if f["reason"] == "missing"]
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"checked {result['checked']} images of {args.gallery!r}: {verb} {len(missing)} whose file is gone, "
+          f"{result['changed']} changed since indexed (add their folder again to re-embed them)")
+    for entry in result["files"]:
+        print(f"  {entry['reason']}: {entry['path']}")
+    return 0
+
+
+def cmd_export(args, settings: ServeSettings) -> int:
+    from serving.backup import export_gallery
+
+    gallery = open_store_only(settings)
+    try:
+        summary = export_gallery(gallery.store, find_user(gallery, args.gallery), args.file)
+    finally:
+        gallery.close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"exported {summary['count']} images of {args.gallery!r} (model {summary['model_id']}) to "
+              f"{summary['file']} ({summary['bytes']} bytes)")
+    return 0
+
+
+def cmd_import(args, settings: ServeSettings) -> int:
+    from serving.backup import import_gallery, read_backup
+
+    header = read_backup(args.file)[0]  # a bad file fails before the model loads
+    gallery = open_gallery(settings)
+    try:
+        summary = import_gallery(gallery, args.file, name=args.gallery, reindex=args.reindex)
+        summary["api_key"] = _new_key(gallery, {"created": summary["created"], "user_id": summary["user_id"]})
+    finally:
+        gallery.close()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    how = "re-embedded from the files" if summary["reindexed"] else "vectors restored"
+    print(f"imported {summary['imported']} of {header['count']} images into {summary['gallery']!r} ({how}); "
+          f"it holds {summary['images']} images")
+    for failure in summary["failed_files"]:
+        print(f"  failed: {failure['path']}: {failure['reason']}")
+    if summary["api_key"]:
+        print(f"  the gallery's API key (shown once): {summary['api_key']}")
     return 0
 
 
@@ -179,6 +278,18 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--negative", help="text whose matches are pushed down")
     search.add_argument("--folder", help="only images under this folder")
     commands.add_parser("galleries", parents=[common], help="list the galleries in the store")
+    prune = commands.add_parser("prune", parents=[common], help="remove records of files gone from the disk")
+    prune.add_argument("--gallery", required=True)
+    prune.add_argument("--dry-run", action="store_true", help="only report what is gone or changed")
+    export = commands.add_parser("export", parents=[common], help="write a gallery (vectors, records, model id) "
+                                                                  "to one backup file")
+    export.add_argument("--gallery", required=True)
+    export.add_argument("file", help="the backup file to write (.npz)")
+    restore = commands.add_parser("import", parents=[common], help="restore a backup file into this store")
+    restore.add_argument("file")
+    restore.add_argument("--gallery", help="gallery name (default: the backup's)")
+    restore.add_argument("--reindex", action="store_true",
+                         help="the backup is of another model: embed the pictures again from their files")
     return main
 
 
@@ -188,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     from serving.errors import GalleryError
 
     try:
-        checkpoint = args.checkpoint or ("-" if args.command == "galleries" else None)  # listing needs no model
+        no_model = args.command in ("galleries", "prune", "export")
+        checkpoint = args.checkpoint or ("-" if no_model else None)  # these need no model
         settings = load_settings(checkpoint, args.db_path, args.set)
-        return {"index": cmd_index, "search": cmd_search, "galleries": cmd_galleries}[args.command](args, settings)
+        return {"index": cmd_index, "search": cmd_search, "galleries": cmd_galleries, "prune": cmd_prune,
+                "export": cmd_export, "import": cmd_import}[args.command](args, settings)
     except StoreBusy as error:
         print(f"smart-gallery: {error}", file=sys.stderr)
         return EXIT_LOCKED
