@@ -383,7 +383,8 @@ def _validated(model, values: dict):
 
 def _file_response(request: Request, info: dict, cache_control: str, filename: str | None = None) -> Response:
     etag = f'"{info["etag"]}"'
-    headers = {"ETag": etag, "Cache-Control": cache_control}
+    headers = {"ETag": etag, "Cache-Control": cache_control,
+               "X-Content-Type-Options": "nosniff"}  # a polyglot file is never sniffed into HTML
     wanted = [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]
     if etag in wanted or f"W/{etag}" in wanted:
         return Response(status_code=304, headers=headers)

@@ -36,6 +36,9 @@ from serving.errors import GalleryError, bad_request, forbidden, not_found
 from serving.paths import PathPolicy
 from serving.store import GalleryStore, ImageRecord, User, image_id
 
+MAX_LISTED = 1000  # failed/duplicate/removed files listed in an answer (the counts stay exact)
+MAX_FILE_BYTES = 512 * 1024 * 1024  # larger files are refused before a byte is read (a 1 GB file was read whole)
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,8 +85,8 @@ class IngestReport:
         return {
             "added": self.added, "updated": self.updated, "unchanged": self.unchanged,
             "duplicates": len(self.duplicates), "failed": len(self.failures), "ignored": self.ignored,
-            "removed": len(self.removed), "duplicate_files": self.duplicates, "failed_files": self.failures,
-            "removed_files": self.removed,
+            "removed": len(self.removed), "duplicate_files": self.duplicates[:MAX_LISTED],
+            "failed_files": self.failures[:MAX_LISTED], "removed_files": self.removed[:MAX_LISTED],
         }
 
 
@@ -167,6 +170,11 @@ def scan_folder(folder: Path, policy: PathPolicy, report: IngestReport, skip: Pa
 
 
 def decode_file(entry: FileEntry, transform: Callable, min_size: int, max_pixels: int) -> Decoded:
+    if entry.size == 0:
+        return Decoded(entry, error=GalleryError(422, f"empty file: {entry.path}"))
+    if entry.size > MAX_FILE_BYTES:
+        return Decoded(entry, error=GalleryError(413, f"file too large ({entry.size} bytes, limit {MAX_FILE_BYTES}): "
+                                                      f"{entry.path}"))
     try:
         with open(entry.path, "rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()

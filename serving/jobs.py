@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from serving.errors import GalleryError, not_found
-from serving.ingest import IngestCancelled, IngestReport
+from serving.ingest import MAX_LISTED, IngestCancelled, IngestReport
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Job:
                 "job_id": self.job_id, "kind": self.kind, "folder": self.folder, "state": self.state,
                 "total": self.total, "done": self.done, "added": report.added, "updated": report.updated,
                 "unchanged": report.unchanged, "duplicates": len(report.duplicates), "failed": len(report.failures),
-                "ignored": report.ignored, "removed": len(report.removed), "failed_files": list(report.failures),
+                "ignored": report.ignored, "removed": len(report.removed), "failed_files": list(report.failures[:MAX_LISTED]),
                 "images_per_second": round(self.done / elapsed, 2) if elapsed > 0 else 0.0,
                 "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
                 "error": self.error,

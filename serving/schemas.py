@@ -135,7 +135,7 @@ class AddFolderResponse(BaseModel):
     failed: int
     ignored: int = Field(description="Files without an image extension.")
     duplicate_files: list[DuplicateFile]
-    failed_files: list[FailedFile]
+    failed_files: list[FailedFile] = Field(description="The failed files with reasons (the first 1,000).")
     seconds: float
     images_per_second: float
 

@@ -243,3 +243,87 @@ def test_web_page_needs_no_key_but_its_data_does(env):
     assert client.get(f"/images/{added['id']}/thumbnail", params={"user_id": uid}, headers=AUTH).status_code == 200
     upload = client.post("/images/upload", params={"user_id": uid}, files={"file": ("a.jpg", b"x")})
     assert upload.status_code == 401
+
+
+def test_hostile_inputs_are_4xx_and_change_nothing(env):
+    """Issue 9: traversal and symlink escapes, bombs, a 1 GB file, polyglots, odd names, big bodies,
+    out-of-range numbers and a folder of 50,000 empty files: each a 4xx (or a clean per-file
+    failure in a folder), the store unchanged."""
+    client, root, outside = env["client"], env["root"], env["outside"]
+    uid = new_user(client, "hostile")
+    post(client, "/images/add", {"image_path": str(root / "album" / "a0.jpg")}, user_id=uid)
+    hostile = root / "hostile"
+    hostile.mkdir()
+    (hostile / "escape-dir").symlink_to(outside, target_is_directory=True)
+    with open(hostile / "huge.jpg", "wb") as handle:  # 1 GB, sparse: costs no disk
+        handle.truncate(1 << 30)
+    zipped = hostile / "archive.jpg"
+    import zipfile
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("x.html", "<script>alert(1)</script>")
+    (hostile / "page.jpg").write_text("<!doctype html><html><script>alert(1)</script></html>")
+    bomb_jpeg = hostile / "bomb.jpg"
+    from PIL import Image
+    Image.new("RGB", (16, 16)).save(bomb_jpeg, format="JPEG")
+    data = bytearray(bomb_jpeg.read_bytes())  # the SOF0 header claims 60000 x 60000 pixels
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    bomb_jpeg.write_bytes(bytes(data))
+    before = snapshot(client, uid)
+
+    add, folder, search = "/images/add", "/images/add-folder", "/images/search"
+    cases = [
+        (add, {"image_path": str(hostile / "escape-dir" / "secret.jpg")}, 403),  # symlinked folder out of the root
+        (add, {"image_path": f"{root}/album/../../outside/secret.jpg"}, 403),
+        (add, {"image_path": str(root) + "/%2e%2e/outside/secret.jpg"}, 404),  # no URL decoding of paths
+        (add, {"image_path": str(root / "album" / "a0.jpg") + "\x00.png"}, 400),
+        (add, {"image_path": str(hostile / "huge.jpg")}, 413),
+        (add, {"image_path": str(zipped)}, 415),  # polyglots: a ZIP and an HTML page named .jpg
+        (add, {"image_path": str(hostile / "page.jpg")}, 415),
+        (add, {"image_path": str(bomb_jpeg)}, 413),
+        (add, {"image_path": str(root / "nö such\nfile .jpg")}, 404),
+        (folder, {"folder_path": str(hostile / "escape-dir")}, 403),
+        (search, {"query": "x", "top_k": -1}, 422),
+        (search, {"query": "x", "top_k": 10**20}, 422),
+        (search, {"query": "x", "offset": 10**30}, 422),
+        (search, {"query": "x", "offset": -5}, 422),
+    ]
+    for path, body, status in cases:
+        response = post(client, path, body, user_id=uid)
+        assert response.status_code == status, (path, body, response.status_code, response.text)
+    for params in ({"offset": 441566866722643584}, {"offset": -1}, {"limit": 0}, {"limit": 10**9}, {"limit": -3}):
+        response = client.get("/images", params={"user_id": uid, **params}, headers=AUTH)
+        assert response.status_code == 422, (params, response.text)
+    ten_mb = json.dumps({"query": "x" * (10 * 1024 * 1024)})
+    response = client.post(search, params={"user_id": uid}, content=ten_mb,
+                           headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 413
+    for image_id in ("..%2F..%2Fetc%2Fpasswd", "../../etc/passwd", "x" * 65):
+        assert client.get(f"/images/{image_id}", params={"user_id": uid}, headers=AUTH).status_code in (404, 422)
+    report = post(client, folder, {"folder_path": str(hostile)}, user_id=uid).json()
+    assert report["added"] == 0 and {os.path.basename(f["path"]): f["status"] for f in report["failed_files"]} == {
+        "huge.jpg": 413, "archive.jpg": 415, "page.jpg": 415, "bomb.jpg": 413}
+    assert snapshot(client, uid) == before
+
+    empty = root / "empty-files"  # 50,000 empty .jpg files: failed, listed up to 1,000, nothing stored
+    empty.mkdir()
+    for index in range(50_000):
+        os.close(os.open(empty / f"e{index:05d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+    started = time.monotonic()
+    report = post(client, folder, {"folder_path": str(empty)}, user_id=uid)
+    seconds = time.monotonic() - started
+    assert report.status_code == 200, report.text
+    body = report.json()
+    assert (body["added"], body["failed"], len(body["failed_files"])) == (0, 50_000, 1000)
+    assert body["failed_files"][0]["status"] == 422 and "empty file" in body["failed_files"][0]["reason"]
+    assert seconds < 60, seconds
+    assert snapshot(client, uid) == before
+
+    odd = root / "odd names" / "ünïcødé 写真" / "new\nline and  spaces.jpg"  # legitimate names work
+    write_image(odd, 4242)
+    added = post(client, add, {"image_path": str(odd)}, user_id=uid)
+    assert added.status_code == 200 and added.json()["path"] == str(odd), added.text
+    found = post(client, search, {"query": "x", "top_k": 100}, user_id=uid).json()["results"]
+    assert str(odd) in {r["path"] for r in found}
+    served = client.get(f"/images/{added.json()['id']}/file", params={"user_id": uid}, headers=AUTH)
+    assert served.status_code == 200 and served.headers["x-content-type-options"] == "nosniff"
