@@ -88,7 +88,9 @@ def serve(settings: ServeSettings) -> int:
     where = f"http://{settings.host}:{settings.port}"
     logger.info("Smart Gallery: web page %s/ (API docs at %s/docs), store %s, checkpoint %s, roots %s, API key %s",
                 where, where, settings.db_dir, settings.checkpoint,
-                settings.allowed_roots or "any readable path (loopback only)", "required" if settings.api_key else "off")
+                settings.allowed_roots or "any readable path (loopback only)",
+                "required (per-gallery keys" + (", admin key set)" if settings.api_key else ")")
+                if settings.auth_enabled else "off")
     code = 0
     try:
         server = build_server(settings)

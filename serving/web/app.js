@@ -97,8 +97,21 @@ function fillGalleryList() {
   list.replaceChildren(...Object.keys(savedGalleries()).map((name) => Object.assign(document.createElement("option"), {value: name})));
 }
 
+// Per-gallery API keys: /db/initialize answers a new gallery's key once; this browser keeps it.
+function galleryKeys() {
+  try { return JSON.parse(localStorage.getItem("sg.keys") || "{}"); } catch (e) { return {}; }
+}
+
+function rememberKey(name, key) {
+  const all = galleryKeys();
+  all[name] = key;
+  localStorage.setItem("sg.keys", JSON.stringify(all));
+}
+
 async function openGallery(name) {
+  state.key = galleryKeys()[name] || localStorage.getItem("sg.apiKey") || "";
   const info = await api("POST", "/db/initialize", {json: {user_name: name}});
+  if (info.api_key) { rememberKey(info.user_name, info.api_key); state.key = info.api_key; }
   state.userId = info.user_id;
   state.name = info.user_name;
   rememberGallery(info.user_name, info.user_id);
@@ -315,7 +328,7 @@ function init() {
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
     state.key = $("api-key").value.trim();
-    localStorage.setItem("sg.apiKey", state.key);
+    if (state.name) rememberKey(state.name, state.key); else localStorage.setItem("sg.apiKey", state.key);
     showError(null);
   });
   $("gallery-form").addEventListener("submit", (e) => {
