@@ -19,7 +19,16 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     `text_emb` are this process's b pairs, `all_image` / `all_text` the whole global batch's
     [B, D] with these pairs at rows first_row.., and `positives` is [b, B]. The result is the
     mean over the b local rows; with the defaults (all = local) it is the loss of the batch.
+
+    Embeddings of shape [B, K, D] come from K ensemble members (training.model.HeadEnsemble):
+    the result is the mean of the K members' own losses, so each learns as a separate model.
     """
+    if image_emb.dim() == 3:
+        members = range(image_emb.shape[1])
+        pick = lambda emb, k: None if emb is None else emb[:, k]  # noqa: E731
+        return torch.stack([contrastive_loss(image_emb[:, k], text_emb[:, k], logit_scale, positives,
+                                             pick(all_image, k), pick(all_text, k), first_row)
+                            for k in members]).mean()
     all_image = image_emb if all_image is None else all_image
     all_text = text_emb if all_text is None else all_text
     scale = logit_scale.exp()

@@ -46,6 +46,22 @@ class ProjectionHead(nn.Module):
         return out if self.mlp is None else out + self.mlp(features)
 
 
+class HeadEnsemble(nn.Module):
+    """K projection heads on the same features: [B, F] -> [B, K, D], each member unit norm.
+
+    Trained together, each member with its own contrastive loss (training/loss.py), they differ
+    by initialisation and dropout; searching averages their cosines. On Openclipart an ensemble
+    of 3 added +0.015 validation MRR and up to +0.02 on domains it never saw (docs/results.md).
+    """
+
+    def __init__(self, members: int, in_dim: int, out_dim: int, hidden_dim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.members = nn.ModuleList(ProjectionHead(in_dim, out_dim, hidden_dim, dropout) for _ in range(members))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.normalize(head(features).float(), dim=-1) for head in self.members], dim=1)
+
+
 class DualEncoder(nn.Module):
     """Two encoders into one unit-norm space.
 
@@ -59,12 +75,17 @@ class DualEncoder(nn.Module):
     w starves the heads: their part of every logit is (1-w) * logit_scale, and the scale is capped
     at 100, so they learn with a softened loss. Training at a lower weight and embedding at w
     keeps both: the heads learn at full strength, the readout keeps its say when searching.
+
+    With `head_members` K > 1 each side has K heads (HeadEnsemble). Searching embeds
+    [sqrt(1-w) * (h_1 .. h_K) / sqrt(K), sqrt(w) * readout]: the head cosine is the members'
+    mean. Training mode returns [B, K, D]: member k's own embedding [sqrt(1-w) h_k, sqrt(w) r],
+    one contrastive loss per member, so they learn as K separate models would.
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, embed_dim: int,
                  head_hidden_dim: int = 0, head_dropout: float = 0.0, init_temperature: float = 0.07,
                  readout: ZeroShotReadout | None = None, zeroshot_weight: float = 0.0,
-                 train_zeroshot_weight: float | None = None):
+                 train_zeroshot_weight: float | None = None, head_members: int = 1):
         super().__init__()
         if not 0.0 <= zeroshot_weight <= 1.0 or (zeroshot_weight > 0) != (readout is not None):
             raise ValueError(f"zeroshot weight must be in [0, 1] and > 0 exactly when a readout is given, "
@@ -77,12 +98,19 @@ class DualEncoder(nn.Module):
         self.readout = readout
         self.zeroshot_weight = zeroshot_weight
         self.train_zeroshot_weight = train_zeroshot_weight
+        if head_members < 1:
+            raise ValueError(f"model.head.members must be >= 1, got {head_members}")
         self.has_heads = zeroshot_weight < 1.0
+        self.head_members = head_members if self.has_heads else 0
         if self.has_heads:
-            self.image_head = ProjectionHead(image_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
-            self.text_head = ProjectionHead(text_encoder.out_dim, embed_dim, head_hidden_dim, head_dropout)
+            def head(in_dim):
+                if head_members == 1:  # a plain head: the state dict of checkpoints made before ensembles
+                    return ProjectionHead(in_dim, embed_dim, head_hidden_dim, head_dropout)
+                return HeadEnsemble(head_members, in_dim, embed_dim, head_hidden_dim, head_dropout)
+            self.image_head = head(image_encoder.out_dim)
+            self.text_head = head(text_encoder.out_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.embed_dim = (embed_dim if self.has_heads else 0) + (readout.out_dim if readout is not None else 0)
+        self.embed_dim = embed_dim * self.head_members + (readout.out_dim if readout is not None else 0)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.embed_image_prefix(self.image_encoder.forward_prefix(pixels))
@@ -103,12 +131,21 @@ class DualEncoder(nn.Module):
         return self._combine(self.text_head(features) if self.has_heads else None, readout)
 
     def _combine(self, projected: torch.Tensor | None, readout: torch.Tensor | None) -> torch.Tensor:
-        if readout is None:
-            return F.normalize(projected.float(), dim=-1)
         if projected is None:
             return readout
+        if projected.dim() == 3:  # ensemble members [B, K, D], each already unit norm
+            if self.training:
+                return self._join(projected, None if readout is None else readout[:, None].expand(-1, projected.shape[1], -1))
+            projected = projected.flatten(1) / math.sqrt(projected.shape[1])
+        else:
+            projected = F.normalize(projected.float(), dim=-1)
+        return self._join(projected, readout)
+
+    def _join(self, projected: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
+        if readout is None:
+            return projected
         w = self.train_zeroshot_weight if self.training else self.zeroshot_weight
-        return torch.cat([math.sqrt(1.0 - w) * F.normalize(projected.float(), dim=-1), math.sqrt(w) * readout], dim=-1)
+        return torch.cat([math.sqrt(1.0 - w) * projected, math.sqrt(w) * readout], dim=-1)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -221,6 +258,6 @@ def build_model(cfg, pretrained: bool = True, bert_config: dict | None = None):
                                 compute=pretrained)
     model = DualEncoder(
         image_encoder, text_encoder, cfg.embed_dim, cfg.head.hidden_dim, cfg.head.dropout, cfg.init_temperature,
-        readout, float(zeroshot["weight"]), zeroshot.get("train_weight"),
+        readout, float(zeroshot["weight"]), zeroshot.get("train_weight"), int(cfg.head.get("members", 1)),
     )
     return model, tokenizer
