@@ -44,6 +44,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from litserve.callbacks.base import EventTypes
 from litserve.specs.base import LitSpec
@@ -65,6 +66,7 @@ from serving.schemas import (
     InitializeRequest,
     InitializeResponse,
     JobResponse,
+    ImportResponse,
     JobStartedResponse,
     KeyResponse,
     PruneResponse,
@@ -79,6 +81,7 @@ from serving.schemas import (
 
 logger = logging.getLogger(__name__)
 
+CREATE_PATHS = ("/db/initialize", "/db/import")  # on loopback anyone may create a gallery (and get its key)
 ADMIN_ONLY_PATHS = ("/info",)  # LitServe's server info names the checkpoint: admin key only
 ADMIN_ONLY_OPS = ("keys_revoke",)
 QUEUE_KEY = "/_gallery"  # the spec's request-queue key; no route is registered at this path
@@ -89,7 +92,7 @@ _bearer = HTTPBearer(auto_error=False, description="The gallery's API key or the
 IMAGE_ID = Path(min_length=1, max_length=64, description="An image id of this gallery (another gallery's id is a 404).")
 JOB_ID = Path(min_length=1, max_length=64)
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
-UPLOAD_PATHS = ("/images/upload", "/images/search-by-image")  # bodies up to max_upload_bytes
+UPLOAD_PATHS = ("/images/upload", "/images/search-by-image", "/db/import")  # bodies up to max_upload_bytes
 THUMBNAIL_CACHE_CONTROL = "private, max-age=3600"
 FILE_CACHE_CONTROL = "private, no-cache"  # revalidate with the ETag: the file may change in place
 _IMAGE_CONTENT = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
@@ -119,6 +122,8 @@ ROUTE_ERRORS = {
     ("/db/prune", "POST"): (404,),
     ("/db/keys/rotate", "POST"): (404,),
     ("/db/keys/revoke", "POST"): (403, 404),
+    ("/db/export", "GET"): (404,),
+    ("/db/import", "POST"): (400, 403, 409, *_BODY),
     ("/images/add", "POST"): (400, 403, 404, 409, 415, *_BODY),
     ("/images/add-folder", "POST"): (400, 403, 404, 409, *_BODY),
     ("/images/search", "POST"): (400, 403, 404, 409, *_BODY),
@@ -171,6 +176,9 @@ class GallerySpec(LitSpec):
                                                              "description": "background=true: the job was started"}}},
         ("/images/{image_id}/thumbnail", "GET"): {"response_class": FileResponse, "responses": {200: _IMAGE_CONTENT}},
         ("/images/{image_id}/file", "GET"): {"response_class": FileResponse, "responses": {200: _IMAGE_CONTENT}},
+        ("/db/export", "GET"): {"response_class": FileResponse, "responses": {200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The backup file (.npz: header, ids, vectors, records)."}}},
         ("/images/search-by-image", "POST"): {"openapi_extra": {"requestBody": {"required": True, "content": {
             "application/json": {"schema": SearchByImageRequest.model_json_schema()},
             "multipart/form-data": {"schema": _multipart_schema(SearchByImageUploadOptions)},
@@ -189,6 +197,8 @@ class GallerySpec(LitSpec):
             ("/db/prune", self.prune, ["POST"]),
             ("/db/keys/rotate", self.rotate_key, ["POST"]),
             ("/db/keys/revoke", self.revoke_key, ["POST"]),
+            ("/db/export", self.export_backup, ["GET"]),
+            ("/db/import", self.import_backup, ["POST"]),
             ("/images/add", self.add_image, ["POST"]),
             ("/images/add-folder", self.add_folder, ["POST"]),
             ("/images/search", self.search, ["POST"]),
@@ -260,6 +270,27 @@ class GallerySpec(LitSpec):
         with `dry_run=true`), files changed since they were indexed are reported (adding them
         again re-embeds them)."""
         return PruneResponse(**await self._call("prune", request, user_id=user_id, dry_run=dry_run))
+
+    async def export_backup(self, request: Request, user_id: str = USER_ID):
+        """The gallery as one backup file (vectors, records, model id; no key): restore it with
+        POST /db/import here or on another server, or `python -m serving.cli import`."""
+        info = await self._call("export_backup", request, user_id=user_id)
+        return FileResponse(info["path"], media_type="application/octet-stream", filename=info["filename"],
+                            background=BackgroundTask(_unlink, info["path"]))
+
+    async def import_backup(self, request: Request,
+                            file: UploadFile = File(description="A backup file from GET /db/export."),
+                            user_name: Optional[str] = Query(None, min_length=1, max_length=128,
+                                                             description="Gallery name (default: the backup's)."),
+                            reindex: bool = Query(False, description="Embed the pictures again from their files "
+                                                                     "(needed when the backup is of another model).")
+                            ) -> ImportResponse:
+        """Restore a backup into a gallery (created if new: its key is answered once). A backup of
+        another model is refused (409) unless `reindex=true`. Up to `max_upload_bytes`; restore
+        bigger ones with the CLI."""
+        data = await file.read()
+        return ImportResponse(**await self._call("import_backup", request, data=data, user_name=user_name,
+                                                 reindex=reindex))
 
     async def info(self, request: Request, user_id: str = USER_ID) -> GalleryInfoResponse:
         """The gallery's name, size and model id (and whether it needs a re-index)."""
@@ -440,6 +471,13 @@ def install_health(app, path: str) -> None:
                                  "description": "the gallery worker is still starting"}})
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _no_auth() -> None:
     """The authorize dependency of a server that checks no keys: it declares no security in the spec."""
 
@@ -478,7 +516,7 @@ class GalleryAPI(ls.LitAPI):
         if supplied and path not in ADMIN_ONLY_PATHS:
             request.state.caller = {"key_hash": key_hash(supplied)}
             return
-        if not supplied and path == "/db/initialize" and self.settings.is_loopback:
+        if not supplied and path in CREATE_PATHS and self.settings.is_loopback:
             request.state.caller = {}
             return
         raise HTTPException(
@@ -532,6 +570,8 @@ class GalleryAPI(ls.LitAPI):
         op, args = request.get("op"), dict(request.get("args") or {})
         if op == "initialize":
             return self._initialize(caller, args.get("user_name"))
+        if op == "import_backup":
+            return self._import(caller, args)
         user_id = args.get("user_id")
         if self.auth:
             self.keys.authorize(caller, user_id, admin_only=op in ADMIN_ONLY_OPS)
@@ -545,6 +585,28 @@ class GalleryAPI(ls.LitAPI):
 
     def _initialize(self, caller: Caller, user_name) -> dict:
         """Open or create a gallery; a new gallery's key is made here and answered once."""
+        self._may_open_or_create(caller, user_name)
+        info = self.gallery.initialize(user_name)
+        info["api_key"] = self.keys.issue(info["user_id"]) if info.get("created") else None
+        return info
+
+    def _import(self, caller: Caller, args: dict) -> dict:
+        """Restore an uploaded backup into the gallery it names (or `user_name`), with the same
+        rules as initialize for who may open or create it."""
+        from serving.backup import read_backup
+
+        tmp = self.gallery._write_tmp(args.get("data"))
+        try:
+            header = read_backup(tmp, 4 * self.gallery.max_upload_bytes)[0]
+        finally:
+            tmp.unlink(missing_ok=True)
+        name = args.get("user_name") or header.get("user_name")
+        self._may_open_or_create(caller, name)
+        summary = self.gallery.import_backup(args["data"], name, bool(args.get("reindex")))
+        summary["api_key"] = self.keys.issue(summary["user_id"]) if summary["created"] else None
+        return summary
+
+    def _may_open_or_create(self, caller: Caller, user_name) -> None:
         from serving.errors import GalleryError
 
         existing = self.gallery.store.find_user(user_name) if isinstance(user_name, str) else None
@@ -557,9 +619,6 @@ class GalleryAPI(ls.LitAPI):
                                         "key), or choose another name")
             if existing is None and not self.settings.is_loopback:
                 raise GalleryError(403, "on this server only the admin key creates galleries")
-        info = self.gallery.initialize(user_name)
-        info["api_key"] = self.keys.issue(info["user_id"]) if info.get("created") else None
-        return info
 
 
 def _install_worker_signals(stop: threading.Event, idle: "_Busy", grace_s: float = 4.0) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.errors import GalleryError, conflict
-from serving.store import ImageRecord
+from serving.store import ImageRecord, image_id
 
 FORMAT = "smart-gallery-backup"
 VERSION = 1
@@ -55,9 +55,16 @@ def export_gallery(store, user, target: str | Path) -> dict:
     return {**header, "file": str(target), "bytes": target.stat().st_size}
 
 
-def read_backup(source: str | Path) -> tuple[dict, list[str], np.ndarray, list[dict]]:
-    """(header, ids, embeddings, records) of a backup file; 422 for anything that is not one."""
+def read_backup(source: str | Path, max_bytes: int | None = None) -> tuple[dict, list[str], np.ndarray, list[dict]]:
+    """(header, ids, embeddings, records) of a backup file; 422 for anything that is not one.
+
+    `max_bytes` bounds what the archive may unpack to (an uploaded file could be a zip bomb)."""
     try:
+        if max_bytes is not None:
+            with zipfile.ZipFile(Path(source).expanduser()) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+            if unpacked > max_bytes:
+                raise GalleryError(413, f"the backup unpacks to {unpacked} bytes (limit {max_bytes})")
         with np.load(Path(source).expanduser(), allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             ids = [str(i) for i in data["ids"]]
@@ -65,7 +72,7 @@ def read_backup(source: str | Path) -> tuple[dict, list[str], np.ndarray, list[d
             records = json.loads(str(data["records"]))
     except FileNotFoundError:
         raise GalleryError(404, f"no such backup file: {source}") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as error:
         raise GalleryError(422, f"{source} is not a Smart Gallery backup: {error}") from None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise GalleryError(422, f"{source} is not a Smart Gallery backup of version {VERSION}")
@@ -74,13 +81,23 @@ def read_backup(source: str | Path) -> tuple[dict, list[str], np.ndarray, list[d
     return header, ids, embeddings, records
 
 
-def import_gallery(gallery, source: str | Path, name: str | None = None, reindex: bool = False) -> dict:
+def import_gallery(gallery, source: str | Path, name: str | None = None, reindex: bool = False,
+                   max_bytes: int | None = None) -> dict:
     """Restore a backup into `gallery` (a `serving.gallery.Gallery`) as gallery `name`
     (default: the backup's name). Records already there with the same id are replaced."""
     from serving.ingest import IngestReport, stat_file
 
-    header, ids, embeddings, rows = read_backup(source)
-    name = name or header["user_name"]
+    header, ids, embeddings, rows = read_backup(source, max_bytes)
+    name = name or header.get("user_name")
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 128:
+        raise GalleryError(422, "the gallery name must be 1-128 characters (give one with --gallery / user_name)")
+    try:
+        rows = [{"path": str(row["path"]), "size": int(row["size"]), "mtime_ns": int(row["mtime_ns"]),
+                 "sha256": str(row["sha256"]), "added_at": float(row["added_at"])} for row in rows]
+    except (KeyError, TypeError, ValueError) as error:
+        raise GalleryError(422, f"{source} has malformed records: {error!r}") from None
+    if any(image_id(row["path"]) != rid for rid, row in zip(ids, rows)):  # ids are the hash of the path
+        raise GalleryError(422, f"{source} is inconsistent: a record id does not match its path")
     if header["model_id"] != gallery.model_id and not reindex:
         raise conflict(
             f"the backup holds embeddings of model {header['model_id']} but this store is served with model "
@@ -92,12 +109,13 @@ def import_gallery(gallery, source: str | Path, name: str | None = None, reindex
     report = IngestReport()
     imported = 0
     if header["model_id"] == gallery.model_id and not reindex:
-        records = [ImageRecord(id=rid, path=row["path"], size=int(row["size"]), mtime_ns=int(row["mtime_ns"]),
-                               sha256=str(row["sha256"]), added_at=float(row["added_at"]))
-                   for rid, row in zip(ids, rows)]
+        records = [ImageRecord(id=rid, **row) for rid, row in zip(ids, rows)]
         with gallery.store.user_lock(user.user_id):
             for start in range(0, len(records), 1000):
-                gallery.store.upsert(user, records[start:start + 1000], embeddings[start:start + 1000])
+                try:
+                    gallery.store.upsert(user, records[start:start + 1000], embeddings[start:start + 1000])
+                except Exception as error:  # e.g. vectors of another dimension in a hand-made file
+                    raise GalleryError(422, f"the backup's vectors do not fit this gallery: {error}") from None
         imported = len(records)
     else:
         entries = []

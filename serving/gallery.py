@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 OPERATIONS = ("initialize", "add_image", "add_folder", "search", "list_images", "delete_image", "reindex", "info",
               "image_info", "image_file", "thumbnail", "search_by_image", "upload", "add_folder_job", "job",
-              "cancel_job", "prune")
+              "cancel_job", "prune", "export_backup")
 MAX_PRUNE_LISTED = 1000
 UPLOAD_DIR = "uploads"
 TMP_DIR = "tmp"
@@ -495,6 +495,28 @@ class Gallery:
         return {"user_id": user.user_id, "checked": checked, "removed": 0 if dry_run else len(missing),
                 "changed": sum(f["reason"] == "changed" for f in found), "dry_run": bool(dry_run),
                 "files": files[:MAX_PRUNE_LISTED], "seconds": round(time.perf_counter() - started, 4)}
+
+    def export_backup(self, user_id: str) -> dict:
+        """Write the gallery's backup (serving/backup.py) to a temporary file that the HTTP answer
+        streams and then deletes."""
+        from serving.backup import export_gallery
+
+        user = self._user(user_id)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        target = self.tmp_dir / f"export-{uuid.uuid4().hex}.npz"
+        summary = export_gallery(self.store, user, target)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", user.user_name).strip("._") or "gallery"
+        return {"path": str(target), "filename": f"{safe}.npz", "count": summary["count"]}
+
+    def import_backup(self, data: bytes, user_name: str | None = None, reindex: bool = False) -> dict:
+        """Restore an uploaded backup (see serving/backup.py); the caller checks who may."""
+        from serving.backup import import_gallery
+
+        tmp = self._write_tmp(data)
+        try:
+            return import_gallery(self, tmp, name=user_name, reindex=reindex, max_bytes=4 * self.max_upload_bytes)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def add_folder_job(self, user_id: str, folder_path: str) -> dict:
         """Check the request like add_folder, then run it as a background job; returns its id."""

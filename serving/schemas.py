@@ -202,6 +202,20 @@ class PruneResponse(BaseModel):
     seconds: float
 
 
+class ImportResponse(BaseModel):
+    gallery: str
+    user_id: str
+    created: bool
+    imported: int = Field(description="Records restored (or re-embedded with reindex).")
+    reindexed: bool = Field(description="True when the pictures were embedded again from their files.")
+    backup_model_id: str
+    model_id: str
+    failed: int
+    failed_files: list[FailedFile]
+    images: int
+    api_key: str | None = Field(None, description="A new gallery's key (shown once).")
+
+
 class ListImagesResponse(BaseModel):
     total: int
     offset: int

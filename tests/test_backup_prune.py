@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 
@@ -96,3 +97,52 @@ def test_readding_a_folder_removes_what_left_it_and_search_skips_gone_files(tmp_
             assert client.get("/images", params={"user_id": uid}).json()["total"] == 1
     finally:
         server.stop()
+
+
+def test_backup_over_http_between_two_servers(tmp_path):
+    """GET /db/export on one server, POST /db/import on another (keys required on both)."""
+    album = tmp_path / "album"
+    for index in range(3):
+        write_image(album / f"h{index}.jpg", 600 + index)
+    admin = {"X-API-Key": "backup-admin-key-0123456789"}
+    first = ServerProcess(tiny_checkpoint(1)[0], tmp_path / "db1", tmp_path, f"api_key={admin['X-API-Key']}")
+    second = ServerProcess(tiny_checkpoint(1)[0], tmp_path / "db2", tmp_path, "auth=true")
+    third = ServerProcess(tiny_checkpoint(2)[0], tmp_path / "db3", tmp_path)
+    try:
+        for server in (first, second, third):
+            server.wait_ready()
+        with first.client() as client:
+            made = client.post("/db/initialize", json={"user_name": "http-trip"}).json()
+            key = {"X-API-Key": made["api_key"]}
+            client.post("/images/add-folder", params={"user_id": made["user_id"]}, json={"folder_path": str(album)},
+                        headers=key)
+            assert client.get("/db/export", params={"user_id": made["user_id"]}).status_code == 401
+            exported = client.get("/db/export", params={"user_id": made["user_id"]}, headers=key)
+            assert exported.status_code == 200 and exported.headers["content-type"] == "application/octet-stream"
+            backup = exported.content
+            deadline = time.monotonic() + 5  # the temporary file is deleted once the answer is sent
+            while list((tmp_path / "db1" / "tmp").glob("export-*")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not list((tmp_path / "db1" / "tmp").glob("export-*"))
+        files = {"file": ("http-trip.npz", backup, "application/octet-stream")}
+        with second.client() as client:
+            restored = client.post("/db/import", files=files)
+            assert restored.status_code == 200, restored.text
+            body = restored.json()
+            assert (body["gallery"], body["imported"], body["images"], body["reindexed"]) == ("http-trip", 3, 3, False)
+            key = {"X-API-Key": body["api_key"]}
+            assert client.post("/db/import", files=files).status_code == 409  # exists: needs its key
+            found = client.post("/images/search", params={"user_id": body["user_id"]}, json={"query": "x"},
+                                headers=key).json()
+            assert sorted(os.path.basename(r["path"]) for r in found["results"]) == ["h0.jpg", "h1.jpg", "h2.jpg"]
+            junk = client.post("/db/import", files={"file": ("x.npz", b"PK\x03\x04junk", "application/zip")})
+            assert junk.status_code == 422
+        with third.client() as client:  # another model: refused unless reindex
+            refused = client.post("/db/import", files=files)
+            assert refused.status_code == 409 and "reindex" in refused.json()["detail"]
+            assert client.post("/db/initialize", json={"user_name": "http-trip"}).json()["created"]  # none made
+            again = client.post("/db/import", params={"reindex": "true", "user_name": "re"}, files=files).json()
+            assert again["reindexed"] and again["imported"] == 3 and again["model_id"] == tiny_checkpoint(2)[1]
+    finally:
+        for server in (first, second, third):
+            server.stop()
