@@ -19,7 +19,10 @@ all of them see the same Chroma client: consistent by construction. Writes to on
 collection are serialised by a lock in the store; reads take none.
 
 The HTTP processes (`num_api_servers`, 1 by default on a small machine) only parse, check the
-API key and body size, and forward; they never open the store. Scaling past one machine would
+body size and the admin key, and forward; they never open the store. Gallery keys are checked
+in the worker, which holds their hashes (serving/keys.py): the envelope carries only the hash of
+the key a request sent. The OpenAPI document is the contract: every route declares each status
+it can answer with `ErrorResponse` (`ROUTE_ERRORS`), and security only when keys are required. Scaling past one machine would
 mean Chroma's client/server mode instead of the embedded store.
 """
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import threading
 import time
@@ -78,10 +79,21 @@ class KeyRing:
             self._hashes = {uid: entry["sha256"] for uid, entry in data.get("keys", {}).items()}
 
     def _save(self) -> None:
-        from serving.store import _write_json_atomic
-
-        _write_json_atomic(self.file, {"version": 1, "keys": {
-            uid: {"sha256": digest} for uid, digest in sorted(self._hashes.items())}, "updated_at": time.time()})
+        """Atomically (temp file, fsync, rename, fsync the folder): a crash leaves the old or the new file."""
+        data = {"version": 1, "updated_at": time.time(),
+                "keys": {uid: {"sha256": digest} for uid, digest in sorted(self._hashes.items())}}
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)  # hashes only, but nobody else needs to read them
+        os.replace(tmp, self.file)
+        folder = os.open(self.file.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def issue(self, user_id: str) -> str:
         """A new key for the gallery (replacing any previous one); returned once, only its hash kept."""
