@@ -127,3 +127,42 @@ def test_gallery_page_end_to_end(server, page, tmp_path):
     page.reload()  # the browser remembers the gallery and reopens it
     expect(page.locator("#gallery-info")).to_contain_text(f"“holiday”: {COUNT + 2} images")
     expect(page.locator("#workspace")).to_be_visible()
+
+
+def test_page_keeps_each_gallerys_key(tmp_path, page):
+    """A server that requires keys: the page creates a gallery, keeps the key it was given, uses
+    it for every call (thumbnails included) and after a reload; another browser must enter it."""
+    expect = playwright.expect
+    for index in range(3):
+        write_image(tmp_path / "pictures" / f"k{index}.jpg", 700 + index, size=(200, 150))
+    process = ServerProcess(tiny_checkpoint(1)[0], tmp_path / "db", tmp_path, "auth=true").wait_ready()
+    try:
+        page.goto(process.url + "/")
+        page.fill("#gallery-name", "keyed")
+        page.keyboard.press("Enter")
+        expect(page.locator("#gallery-info")).to_contain_text("“keyed”: 0 images")
+        key = page.evaluate("JSON.parse(localStorage.getItem('sg.keys'))['keyed']")
+        assert key.startswith("sgk_")
+        page.fill("#folder-path", str(tmp_path / "pictures"))
+        page.click("#folder-add")
+        expect(page.locator("#job-status")).to_have_attribute("data-state", "done", timeout=30_000)
+        page.fill("#query", "anything")
+        page.click("#search-button")
+        expect(page.locator("#results li")).to_have_count(3)
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.reload()
+        expect(page.locator("#gallery-info")).to_contain_text("“keyed”: 3 images")
+
+        page.evaluate("localStorage.clear()")  # another browser: the gallery needs its key
+        page.reload()
+        page.fill("#gallery-name", "keyed")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#error")).to_contain_text("open it with its key")
+        page.fill("#api-key", key)
+        page.keyboard.press("Enter")
+        page.fill("#gallery-name", "keyed")
+        page.click("#gallery-open")
+        expect(page.locator("#gallery-info")).to_contain_text("“keyed”: 3 images")
+    finally:
+        process.stop()

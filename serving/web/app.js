@@ -37,7 +37,8 @@ async function api(method, path, {params = {}, json, form} = {}) {
   } catch (e) {
     throw new ApiError(0, "The server cannot be reached. Is it still running?");
   }
-  if (response.status === 401) $("key-form").hidden = false;
+  // No key, or a gallery that exists and needs its key: ask for one.
+  if (response.status === 401 || (response.status === 409 && path === "/db/initialize")) $("key-form").hidden = false;
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = describe((await response.json()).detail); } catch (e) { /* not JSON */ }
