@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,6 @@ class DiskCache:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f"{key}.tmp"
+        tmp = self.directory / f"{key}.{os.getpid()}.tmp"  # torchrun ranks may save the same key at once
         save_file({"prefixes": prefixes.contiguous(), "ok": ok.to(torch.uint8)}, str(tmp))
         tmp.rename(self.directory / f"{key}.safetensors")
