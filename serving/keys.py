@@ -9,7 +9,8 @@ opens every gallery, creates galleries off loopback, and revokes keys.
 
 Keys are 256-bit random tokens, so a plain SHA-256 is the right hash (a slow password hash
 protects low-entropy secrets; these have none to protect). Only the hash is kept, in
-`keys.json` in the store folder beside the user registry, written atomically. It is a file of
+`keys.json` in the store folder beside the user registry, written atomically under a file lock
+and re-read when it changes (several gallery workers may share it with a Chroma server store). It is a file of
 its own, not part of the registry: the registry may move into Chroma (server mode) and keys
 must stay on the machine that checks them.
 
@@ -26,6 +27,7 @@ log. The worker decides (`authorize`):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -74,9 +76,33 @@ class KeyRing:
         self.file = Path(folder) / KEYS_FILE
         self._lock = threading.Lock()
         self._hashes: dict[str, str] = {}
-        if self.file.exists():
+        self._seen = None  # (mtime_ns, size, inode) of the file last read
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-read the file when it changed: with a Chroma server store several gallery workers
+        share one keys.json, and a key rotated in one must stop working in all of them."""
+        try:
+            stat = self.file.stat()
+        except FileNotFoundError:
+            self._hashes, self._seen = {}, None
+            return
+        seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if seen != self._seen:
             data = json.loads(self.file.read_text())
             self._hashes = {uid: entry["sha256"] for uid, entry in data.get("keys", {}).items()}
+            self._seen = seen
+
+    def _change(self, update) -> object:
+        """Read, change and write keys.json under an exclusive file lock (threads and processes)."""
+        with self._lock, open(self.file.with_name(KEYS_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            self._seen = None
+            self._refresh()
+            result = update(self._hashes)
+            self._save()
+            self._seen = None
+            return result
 
     def _save(self) -> None:
         """Atomically (temp file, fsync, rename, fsync the folder): a crash leaves the old or the new file."""
@@ -98,27 +124,26 @@ class KeyRing:
     def issue(self, user_id: str) -> str:
         """A new key for the gallery (replacing any previous one); returned once, only its hash kept."""
         key = new_key()
-        with self._lock:
-            self._hashes[user_id] = key_hash(key)
-            self._save()
+        self._change(lambda hashes: hashes.__setitem__(user_id, key_hash(key)))
         return key
 
     def revoke(self, user_id: str) -> bool:
-        with self._lock:
-            had = self._hashes.pop(user_id, None) is not None
-            if had:
-                self._save()
-        return had
+        return self._change(lambda hashes: hashes.pop(user_id, None) is not None)
 
     def has_key(self, user_id: str) -> bool:
-        return user_id in self._hashes
+        with self._lock:
+            self._refresh()
+            return user_id in self._hashes
 
     def owner(self, digest: str | None) -> str | None:
         """The user_id whose key has this hash (compared in constant time), or None."""
         if not digest:
             return None
+        with self._lock:
+            self._refresh()
+            hashes = list(self._hashes.items())
         found = None
-        for uid, stored in list(self._hashes.items()):
+        for uid, stored in hashes:
             if hmac.compare_digest(stored, digest):
                 found = uid
         return found

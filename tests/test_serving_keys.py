@@ -63,3 +63,22 @@ def test_off_loopback_only_the_admin_key_creates_galleries(tmp_path):
         assert client.get("/info", headers=key).status_code == 401  # server info: admin only
         assert client.get("/info", headers={"X-API-Key": ADMIN}).status_code == 200
         assert client.get("/", headers={}).status_code == 200 and client.get("/health").status_code == 200
+
+
+def test_a_key_rotated_in_one_process_stops_working_in_another(tmp_path):
+    """Two KeyRings on one store folder stand for two gallery workers (Chroma server mode)."""
+    from serving.keys import Caller, KeyRing, key_hash
+
+    first, second = KeyRing(tmp_path), KeyRing(tmp_path)
+    old = first.issue("gallery-a")
+    assert second.owner(key_hash(old)) == "gallery-a"
+    new = second.issue("gallery-a")  # rotated by the other worker
+    assert first.owner(key_hash(old)) is None and first.owner(key_hash(new)) == "gallery-a"
+    other = first.issue("gallery-b")
+    assert second.owner(key_hash(other)) == "gallery-b" and second.owner(key_hash(new)) == "gallery-a"  # both kept
+    first.authorize(Caller(key_hash=key_hash(new)), "gallery-a")
+    with pytest.raises(Exception) as refused:
+        first.authorize(Caller(key_hash=key_hash(new)), "gallery-b")
+    assert refused.value.status_code == 404
+    assert second.revoke("gallery-a") and first.owner(key_hash(new)) is None
+    assert old not in (tmp_path / "keys.json").read_text() and oct((tmp_path / "keys.json").stat().st_mode)[-3:] == "600"
