@@ -1,27 +1,34 @@
-"""Benchmark the gallery server through its real HTTP API.
+"""Benchmark the gallery server through its real HTTP API: every figure of issue 10 in one run.
 
-    python scripts/bench_serving.py [--checkpoint DIR] [--images 200] [--sizes 10000,100000]
+    python scripts/bench_serving.py --checkpoint runs/oc_robust/best [--images 200] [--sizes 10000,100000]
 
-Prints:
+Prints, each with its target in the SUMMARY at the end (results: docs/benchmarks.md):
 - ingest throughput (images/s) of POST /images/add-folder on a folder of generated 12-megapixel
   JPEGs (smooth colour fields with per-pixel grain: ~3 MB each, so they cost what a photo costs
-  to decode), next to the bound this machine allows, measured in the same run:
+  to decode), next to the bound this machine allows, measured in the same run with the
+  server's own encoder (ONNX Runtime on CPU):
       bound = cores / (t_decode + cores / inference_ips)
   t_decode: one core's seconds to decode and resize one of these images (JPEG draft + the
   checkpoint's transform); inference_ips: batched image-encoder throughput on all cores.
   (Each image costs t_decode core-seconds of decoding plus cores/ips core-seconds of inference.)
-- search latency p50/p99 over HTTP (POST /images/search, top_k=10, one client, keep-alive) at
-  each gallery size; the large galleries are filled with random unit vectors directly through
-  the store before the server starts (the store has a single owner).
-- the server's memory: RSS and PSS of each of its processes.
+- search latency p50/p99 over HTTP (POST /images/search, top_k=10, distinct queries so the
+  query cache never hits) at each gallery size: one keep-alive client, then `--clients`
+  concurrent clients (searches/s too), then the same clients during an ingest of the image
+  folder into another gallery (p99, errors). The large galleries are random unit vectors
+  written through the store before the server starts (the store has a single owner); each
+  record names an empty file that exists, since searches skip records whose file is gone.
+- the server's memory after all of it: RSS and PSS of each of its processes.
+- the machine's load average at the start and the end: the client and other users of the
+  machine share its cores, so note it beside the figures.
 
 Without --checkpoint a tiny random-init checkpoint is made (fast, tiny model: ingest is then
-decode-bound). The default run takes a few minutes on a 2-core machine.
+decode-bound). The default run takes about ten minutes on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -30,7 +37,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -72,16 +81,15 @@ def cores() -> int:
 
 
 def measure_bound(checkpoint: Path, images: list[Path], batch_size: int) -> dict:
-    """t_decode on one core, batched inference images/s on all cores, and the bound they imply."""
-    import torch
+    """t_decode on one core, batched inference images/s on all cores, and the bound they imply.
 
+    The encoder is the server's own (`serving.embedder.Embedder`: ONNX Runtime on CPU)."""
     from data.images import load_image
     from serving.embedder import Embedder
 
     n = cores()
     embedder = Embedder(str(checkpoint), threads=n)
     size = embedder.preprocessing.image_size
-    torch.set_num_threads(1)
     sample = images[: min(len(images), 24)]
     embedder.transform(load_image(sample[0], min_size=size))  # warm-up
     started, cpu = time.perf_counter(), time.thread_time()
@@ -90,8 +98,7 @@ def measure_bound(checkpoint: Path, images: list[Path], batch_size: int) -> dict
     t_decode = (time.perf_counter() - started) / len(sample)
     t_decode_cpu = (time.thread_time() - cpu) / len(sample)
 
-    torch.set_num_threads(n)
-    pixels = torch.randn(batch_size, 3, size, size)
+    pixels = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
     embedder.embed_images(pixels)
     reps, started, cpu = 0, time.perf_counter(), time.process_time()
     while reps < 3 or time.perf_counter() - started < 3.0:
@@ -99,11 +106,13 @@ def measure_bound(checkpoint: Path, images: list[Path], batch_size: int) -> dict
         reps += 1
     ips = reps * batch_size / (time.perf_counter() - started)
     infer_cpu = (time.process_time() - cpu) / (reps * batch_size)
+    backend, dim = embedder.backend, embedder.dim
     embedder.close()
     del embedder
     gc.collect()
     return {"cores": n, "t_decode_s": t_decode, "inference_ips": ips, "bound_ips": n / (t_decode + n / ips),
-            "image_size": size, "t_decode_cpu_s": t_decode_cpu, "infer_cpu_s": infer_cpu}
+            "image_size": size, "t_decode_cpu_s": t_decode_cpu, "infer_cpu_s": infer_cpu, "backend": backend,
+            "dim": dim}
 
 
 def machine_busy_seconds() -> float:
@@ -128,8 +137,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fill_store(db: Path, model_id: str, dim: int, sizes: list[int]) -> dict:
-    """Galleries of random unit vectors, written through the store while no server runs."""
+def fill_store(db: Path, model_id: str, dim: int, sizes: list[int], files: Path) -> dict:
+    """Galleries of random unit vectors, written through the store while no server runs.
+
+    Each record names an empty file under `files` that really exists: searches skip records
+    whose file is gone from the disk."""
     from serving.store import GalleryStore, ImageRecord, image_id
 
     users, rates = {}, {}
@@ -144,12 +156,29 @@ def fill_store(db: Path, model_id: str, dim: int, sizes: list[int]) -> dict:
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
                 records = []
                 for i in range(start, start + count):
-                    path = f"/bench/{size}/d{i // 1000:03d}/img_{i:07d}.jpg"
+                    path = f"{files}/{size}/d{i // 1000:03d}/img_{i:07d}.jpg"
+                    if i % 1000 == 0:
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "wb").close()
                     records.append(ImageRecord(image_id(path), path, 1, 1, f"{size}-{i}", 0.0))
                 store.upsert(user, records, vectors)
             rates[size] = size / (time.perf_counter() - started)
             users[size] = user.user_id
     return {"users": users, "insert_per_s": rates}
+
+
+def reuse_store(db: Path, model_id: str, sizes: list[int]) -> dict:
+    """The galleries an earlier run filled (same model, same sizes), for --keep-store."""
+    from serving.store import GalleryStore
+
+    users = {}
+    with GalleryStore(db) as store:
+        for size in sizes:
+            user = store.find_user(f"bench_{size}")
+            if user is None or store.model_id(user) != model_id or store.count(user) != size:
+                raise SystemExit(f"--keep-store: {db} has no gallery bench_{size} of {size} vectors of model {model_id}")
+            users[size] = user.user_id
+    return {"users": users, "insert_per_s": {size: float("nan") for size in sizes}}
 
 
 def process_memory(pid: int) -> list[dict]:
@@ -173,6 +202,49 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+async def _concurrent(url: str, user_id: str, queries: list[str], clients: int) -> dict:
+    # aiohttp rather than httpx here: the client shares the server's cores, and httpx's async
+    # client cost ~7 ms of CPU per request against ~1 ms for aiohttp (measured on this machine).
+    import aiohttp
+
+    pending = deque(queries)
+    latencies: list[float] = []
+    errors: list[str] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as client:
+        async def one_client():
+            while pending:
+                query = pending.popleft()
+                started = time.perf_counter()
+                try:
+                    async with client.post("/images/search", params={"user_id": user_id},
+                                           json={"query": query, "top_k": 10}) as response:
+                        body = await response.read()
+                    ok = response.status == 200 and len(json.loads(body)["results"]) == 10
+                    problem = f"{response.status} {body[:100]!r}"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    ok, problem = False, repr(error)
+                if ok:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                else:
+                    errors.append(problem)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return {"latencies": latencies, "errors": errors, "wall_s": wall, "per_s": len(latencies) / wall,
+            "ended": time.perf_counter()}
+
+
+def concurrent_searches(url: str, user_id: str, queries: list[str], clients: int) -> dict:
+    """`clients` keep-alive connections sending `queries` between them as fast as answers come."""
+    return asyncio.run(_concurrent(url, user_id, queries, clients))
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: a tiny random one)")
@@ -180,9 +252,14 @@ def main() -> None:
     parser.add_argument("--resolution", default="4000x3000")
     parser.add_argument("--sizes", default="10000,100000", help="gallery sizes for search latency")
     parser.add_argument("--queries", type=int, default=200, help="timed searches per size")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--concurrent-queries", type=int, default=600, help="searches per size with --clients clients")
+    parser.add_argument("--ingest-queries", type=int, default=200, help="searches sent during an ingest")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", type=Path, help="keep images and store here (default: a temp folder, removed)")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--keep-store", action="store_true",
+                        help="reuse the filled galleries of an earlier run in --workdir (filling 100k takes minutes)")
     args = parser.parse_args()
     if args.checkpoint:
         args.checkpoint = args.checkpoint.expanduser().resolve()  # the server runs in another folder
@@ -196,9 +273,13 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
     work.mkdir(parents=True, exist_ok=True)
     db, image_dir = work / "db", work / "images"
-    if db.exists():
-        shutil.rmtree(db)
-    print(f"bench_serving: work folder {work}, {cores()} cores", flush=True)
+    reuse = bool(args.keep_store and args.workdir and (db / "users.json").is_file())
+    for old in ((db, work / "fill") if not reuse else ()):
+        if old.exists():
+            shutil.rmtree(old)
+    print(f"bench_serving: work folder {work}, {cores()} cores, {load()}", flush=True)
+    load_at_start = load()
+    run_tag = time.strftime("%Y%m%d%H%M%S")  # fresh ingest galleries, also in a kept store
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -219,9 +300,12 @@ def main() -> None:
     images = sorted(image_dir.glob("photo_*.jpg"))
 
     bound = measure_bound(checkpoint, images, args.batch_size)
-    dim = int(config["model"]["embed_dim"])
+    dim = bound["dim"]  # the head's embed_dim, plus the zero-shot readout's width if the model has one
     started = time.perf_counter()
-    filled = fill_store(db, model_id, dim, sizes) if sizes else {"users": {}, "insert_per_s": {}}
+    if reuse:
+        filled = reuse_store(db, model_id, sizes)
+    else:
+        filled = fill_store(db, model_id, dim, sizes, work / "fill") if sizes else {"users": {}, "insert_per_s": {}}
     fill_s = time.perf_counter() - started
 
     port = args.port or free_port()
@@ -249,7 +333,7 @@ def main() -> None:
         client = httpx.Client(base_url=url, timeout=600)
 
         worker = next(p for p in family if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
-        uid = client.post("/db/initialize", json={"user_name": "bench_ingest"}).json()["user_id"]
+        uid = client.post("/db/initialize", json={"user_name": f"bench_ingest_{run_tag}"}).json()["user_id"]
         pids = [server.pid, *family]
         busy, ours = machine_busy_seconds(), family_cpu_seconds(pids)
         started, cpu = time.perf_counter(), cpu_seconds(worker)
@@ -278,6 +362,35 @@ def main() -> None:
                 times.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200 and len(response.json()["results"]) == 10, response.text
             latencies[size] = times
+
+        concurrent = {}
+        for size in sizes:
+            user_id = filled["users"][size]
+            concurrent_searches(url, user_id, [f"warm-up {i}" for i in range(args.clients)], args.clients)
+            queries = [f"{words[i % len(words)]} seen from afar, take {i} at {size}" for i in range(args.concurrent_queries)]
+            concurrent[size] = concurrent_searches(url, user_id, queries, args.clients)
+            print(f"  {args.clients} clients at {size}: {concurrent[size]['per_s']:.0f} searches/s ({load()})", flush=True)
+
+        # Searches while a real ingest runs: a second gallery takes the same folder (all new work).
+        during = {}
+        if sizes:
+            uid2 = client.post("/db/initialize", json={"user_name": f"bench_ingest_under_load_{run_tag}"}).json()["user_id"]
+            ingest_done = {}
+
+            def ingest_in_background():
+                with httpx.Client(base_url=url, timeout=600) as own:
+                    began = time.perf_counter()
+                    answer = own.post("/images/add-folder", params={"user_id": uid2}, json={"folder_path": str(image_dir)})
+                    ingest_done.update(answer.json(), ended=time.perf_counter(), seconds=time.perf_counter() - began)
+
+            runner = threading.Thread(target=ingest_in_background)
+            runner.start()
+            time.sleep(1.0)  # the ingest is decoding and embedding by now
+            size = sizes[-1]
+            queries = [f"{words[i % len(words)]} during the ingest, take {i}" for i in range(args.ingest_queries)]
+            during = concurrent_searches(url, filled["users"][size], queries, args.clients)
+            runner.join()
+            during.update(size=size, ingest=ingest_done, overlapped=during["ended"] <= ingest_done.get("ended", 0))
         memory = process_memory(server.pid)
     finally:
         server.send_signal(signal.SIGINT)
@@ -289,7 +402,8 @@ def main() -> None:
 
     leftover = [p for p in family if alive(p)]
     print()
-    print(f"checkpoint {checkpoint} (model {model_id}, embed dim {dim}, image size {bound['image_size']})")
+    print(f"checkpoint {checkpoint} (model {model_id}, embed dim {dim}, image size {bound['image_size']}, "
+          f"encoders: {bound['backend']})")
     print(f"server startup to /health 200: {startup_s:.1f} s")
     print()
     print(f"INGEST  POST /images/add-folder, {report['added']} x {width}x{height} JPEG "
@@ -314,7 +428,8 @@ def main() -> None:
     for size in sizes:
         times = latencies[size]
         print(f"  {size:>7} images: p50 {percentile(times, 50):6.1f} ms   p99 {percentile(times, 99):6.1f} ms   "
-              f"({len(times)} queries; store filled at {filled['insert_per_s'][size]:.0f} vectors/s)")
+              f"({len(times)} queries; " + ("store kept from an earlier run)" if reuse else
+                                                 f"store filled at {filled['insert_per_s'][size]:.0f} vectors/s)"))
     if sizes:
         print(f"  (filling the store took {fill_s:.0f} s)")
     print()
@@ -323,6 +438,39 @@ def main() -> None:
         print(f"  pid {row['pid']:>7}  RSS {row['rss_mb']:7.1f} MB  PSS {row['pss_mb']:7.1f} MB  {row['cmd']}")
     print(f"  total   RSS {sum(r['rss_mb'] for r in memory):7.1f} MB  PSS {sum(r['pss_mb'] for r in memory):7.1f} MB")
     print(f"shutdown (SIGINT): exit code {server.returncode}, processes left: {leftover or 'none'}")
+    if sizes:
+        print()
+        print(f"SEARCH  {args.clients} concurrent clients (aiohttp, keep-alive; the client runs on the same cores):")
+        for size in sizes:
+            c = concurrent[size]
+            print(f"  {size:>7} images: {c['per_s']:6.1f} searches/s   p50 {percentile(c['latencies'], 50):6.1f} ms   "
+                  f"p99 {percentile(c['latencies'], 99):6.1f} ms   ({len(c['latencies'])} ok, {len(c['errors'])} errors)")
+        ing = during["ingest"]
+        print(f"  during an ingest of {ing.get('added', 0)} images into another gallery ({ing.get('seconds', 0):.1f} s, "
+              f"{ing.get('added', 0) / max(ing.get('seconds', 1), 1e-9):.1f} images/s): {len(during['latencies'])} searches "
+              f"at {during['size']} images, p50 {percentile(during['latencies'], 50):.1f} ms, "
+              f"p99 {percentile(during['latencies'], 99):.1f} ms, {len(during['errors'])} errors"
+              f"{'' if during['overlapped'] else ' (the ingest ended before the searches did)'}")
+        if during["errors"] or any(concurrent[s]["errors"] for s in sizes):
+            print("  first errors:", (during["errors"] + [e for s in sizes for e in concurrent[s]["errors"]])[:3])
+    print()
+    print(f"SUMMARY (targets of issue 10; {bound['cores']} cores; {load_at_start} at the start, {load()} at the end)")
+    rows = [("ingest, % of the bound", 100 * ingest_ips / bound["bound_ips"], ">=", 80.0, "%")]
+    big = max(sizes) if sizes else None
+    if big:
+        rows += [
+            (f"sequential search p50 at {big}", percentile(latencies[big], 50), "<=", 15.0, "ms"),
+            (f"sequential search p99 at {big}", percentile(latencies[big], 99), "<=", 40.0, "ms"),
+        ]
+        for size in sizes:
+            rows += [(f"{args.clients} clients at {size}: searches/s", concurrent[size]["per_s"], ">=", 150.0, "/s"),
+                     (f"{args.clients} clients at {size}: p99", percentile(concurrent[size]["latencies"], 99), "<=", 400.0, "ms")]
+        rows += [("p99 during an ingest", percentile(during["latencies"], 99), "<=", 600.0, "ms"),
+                 ("errors during an ingest", float(len(during["errors"])), "<=", 0.0, "")]
+    rows.append(("server RSS total", sum(r["rss_mb"] for r in memory), "<=", 1000.0, "MB"))
+    for name, value, op, target, unit in rows:
+        ok = value >= target if op == ">=" else value <= target
+        print(f"  {name:<38} {value:9.1f} {unit:<3} target {op} {target:g} {unit:<3} {'met' if ok else 'MISSED'}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
