@@ -168,6 +168,9 @@ class GalleryStore:
             self._registry_lock = threading.RLock()
             self._user_locks: dict[str, threading.Lock] = {}
             self._collections: dict[str, object] = {}
+            self._counts: dict[str, int] = {}  # embedded store only: see count()
+            self._count_versions: dict[str, int] = {}
+            self._count_lock = threading.Lock()
             self.registry = self.backend.registry(self.client, self.path, User)
             self._remove_orphans()
         except BaseException:
@@ -263,7 +266,30 @@ class GalleryStore:
         collection.modify(metadata=metadata)
 
     def count(self, user: User) -> int:
-        return self.collection(user).count()
+        """Records in the user's collection.
+
+        Chroma answers count() with an SQL COUNT over the collection's rows: O(n), ~10 ms at
+        100k records, and a search asks twice (docs/benchmarks.md). An embedded store has one
+        owner, this process, so the count is kept per collection and dropped by every write to
+        it (`_written`); a shared Chroma server is asked every time."""
+        collection = self.collection(user)
+        if self.backend.shared:
+            return collection.count()
+        with self._count_lock:
+            cached = self._counts.get(collection.name)
+            version = self._count_versions.get(collection.name, 0)
+        if cached is not None:
+            return cached
+        value = collection.count()
+        with self._count_lock:
+            if self._count_versions.get(collection.name, 0) == version:  # no write since it was read
+                self._counts[collection.name] = value
+        return value
+
+    def _written(self, collection) -> None:
+        with self._count_lock:
+            self._counts.pop(collection.name, None)
+            self._count_versions[collection.name] = self._count_versions.get(collection.name, 0) + 1
 
     # ---------------------------------------------------------------- records
 
@@ -303,12 +329,15 @@ class GalleryStore:
             raise ValueError("one embedding per record")
         collection = collection if collection is not None else self.collection(user)
         step = self.client.get_max_batch_size()
-        for start in range(0, len(records), step):
-            chunk = records[start:start + step]
-            collection.upsert(
-                ids=[r.id for r in chunk], embeddings=embeddings[start:start + step],
-                metadatas=[r.metadata() for r in chunk],
-            )
+        try:
+            for start in range(0, len(records), step):
+                chunk = records[start:start + step]
+                collection.upsert(
+                    ids=[r.id for r in chunk], embeddings=embeddings[start:start + step],
+                    metadatas=[r.metadata() for r in chunk],
+                )
+        finally:
+            self._written(collection)
 
     def update_metadata(self, user: User, records: list[ImageRecord]) -> None:
         """Refresh metadata (size, mtime) of records whose embedding stays valid."""
@@ -317,7 +346,11 @@ class GalleryStore:
 
     def delete(self, user: User, ids: list[str]) -> None:
         if ids:
-            self.collection(user).delete(ids=list(ids))
+            collection = self.collection(user)
+            try:
+                collection.delete(ids=list(ids))
+            finally:
+                self._written(collection)
 
     def query(self, user: User, embedding: np.ndarray, n_results: int, folder: str | None = None
               ) -> list[tuple[ImageRecord, float]]:

@@ -254,3 +254,29 @@ def test_concurrent_searches_over_http_each_get_their_own_results(tmp_path, embe
     finally:
         code, survivors = server.stop()
         assert code == 0 and not survivors
+
+
+# ------------------------------------------------------------------ the store's kept count
+
+def test_store_count_is_kept_and_follows_every_write(tmp_path, monkeypatch):
+    from serving.store import GalleryStore, ImageRecord
+
+    def records(start, stop):
+        return [ImageRecord(f"id{i}", f"/pics/{i}.jpg", 1, 1, f"h{i}", 0.0) for i in range(start, stop)]
+
+    vectors = np.eye(8, dtype=np.float32)
+    with GalleryStore(tmp_path / "db") as store:
+        user, _ = store.get_or_create_user("counted", "model-a")
+        assert store.count(user) == 0
+        store.upsert(user, records(0, 3), vectors[:3])
+        assert store.count(user) == 3
+        collection = store.collection(user)
+        monkeypatch.setattr(type(collection), "count", lambda self: pytest.fail("count() asked Chroma again"))
+        assert store.count(user) == 3  # kept
+        monkeypatch.undo()
+        store.upsert(user, records(3, 8), vectors[3:8])
+        assert store.count(user) == 8
+        store.upsert(user, records(0, 2), vectors[:2])  # existing ids: no new records
+        assert store.count(user) == 8
+        store.delete(user, ["id0", "id5"])
+        assert store.count(user) == 6 == collection.count()
