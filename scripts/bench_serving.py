@@ -400,6 +400,9 @@ def main() -> None:
             server.kill()
         log.close()
 
+    deadline = time.monotonic() + 5  # multiprocessing's resource tracker exits a moment after the rest
+    while time.monotonic() < deadline and any(alive(p) for p in family):
+        time.sleep(0.1)
     leftover = [p for p in family if alive(p)]
     print()
     print(f"checkpoint {checkpoint} (model {model_id}, embed dim {dim}, image size {bound['image_size']}, "
