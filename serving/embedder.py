@@ -14,16 +14,22 @@ a micro-batcher (`serving.batching`): concurrent searches share one text-encoder
 each thread running the encoder on its own and fighting over the same cores. The batcher's
 thread runs the text encoder on one core: on a shared 2-core machine a second thread mostly
 waits for the busy other core (see `serving.onnx_encoder`).
+
+Image batches (ingest) run on a thread of their own at a lower CPU priority
+(`serving.priority`), so searches arriving during an ingest get the cores first; a single
+picture (search by image) runs on the caller's thread at normal priority.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from serving.batching import QueryBatcher
+from serving.priority import lower_thread_priority
 from serving.query_cache import QueryCache
 
 logger = logging.getLogger(__name__)
@@ -86,20 +92,14 @@ class Embedder:
     def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None,
                  encoder: str | None = None, query_cache_size: int = 4096):
         threads = int(threads or _cores())
-        choice = _choose(encoder or os.environ.get("SMART_GALLERY_ENCODER", "auto"), device, bf16)
-        self.encoders = None
-        if choice == "onnx":
-            from serving.onnx_encoder import OnnxEncoders, OnnxExportError
-            from serving.onnx_export import ensure_export
-
-            try:
-                self.encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads, text_threads=1)
-            except OnnxExportError as error:
-                if encoder == "onnx" or os.environ.get("SMART_GALLERY_ENCODER") == "onnx":
-                    raise
-                logger.warning("%s; serving with eager PyTorch instead", error)
-        if self.encoders is None:
-            self.encoders = TorchEncoders(checkpoint, device, bf16, threads)
+        # The encoders are built on the low-priority image thread: the pool threads ONNX Runtime
+        # starts for the image session inherit its priority.
+        self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="image-encoder", initializer=lower_thread_priority)
+        try:
+            self.encoders = self._image_thread.submit(self._load, checkpoint, device, bf16, threads, encoder).result()
+        except BaseException:
+            self._image_thread.shutdown(wait=False)
+            raise
         self.backend = self.encoders.backend
         self.model_id = self.encoders.model_id
         self.preprocessing = self.encoders.preprocessing
@@ -109,8 +109,27 @@ class Embedder:
         self._batcher = QueryBatcher(self.encoders.embed_texts, on_start=getattr(self.encoders, "query_thread_setup", None))
         logger.info("encoders: %s (model %s, %d threads for images, 1 for queries)", self.backend, self.model_id, threads)
 
+    @staticmethod
+    def _load(checkpoint: str, device: str, bf16, threads: int, encoder: str | None):
+        choice = _choose(encoder or os.environ.get("SMART_GALLERY_ENCODER", "auto"), device, bf16)
+        encoders = None
+        if choice == "onnx":
+            from serving.onnx_encoder import OnnxEncoders, OnnxExportError
+            from serving.onnx_export import ensure_export
+
+            try:
+                encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads, text_threads=1)
+            except OnnxExportError as error:
+                if encoder == "onnx" or os.environ.get("SMART_GALLERY_ENCODER") == "onnx":
+                    raise
+                logger.warning("%s; serving with eager PyTorch instead", error)
+        return encoders or TorchEncoders(checkpoint, device, bf16, threads)
+
     def embed_images(self, pixels) -> np.ndarray:
-        return self.encoders.embed_images(pixels)
+        """A batch (ingest) runs on the low-priority image thread; one picture (a query) right here."""
+        if len(pixels) <= 1:
+            return self.encoders.embed_images(pixels)
+        return self._image_thread.submit(self.encoders.embed_images, pixels).result()
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.encoders.embed_texts(list(texts))
@@ -130,3 +149,4 @@ class Embedder:
     def close(self) -> None:
         logger.info("embedder stats: %s", self.stats())
         self._batcher.close()
+        self._image_thread.shutdown(wait=False)

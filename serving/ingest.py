@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 from data.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageLoadError, is_image_file, load_image
 from serving.errors import GalleryError, bad_request, forbidden, not_found
 from serving.paths import PathPolicy
+from serving.priority import lower_thread_priority
 from serving.store import GalleryStore, ImageRecord, User, image_id
 
 MAX_LISTED = 1000  # failed/duplicate/removed files listed in an answer (the counts stay exact)
@@ -203,7 +204,8 @@ class DecodePipeline:
         self.window = self.batch_size * (max(0, prefetch_batches) + 1)
 
     def run(self, entries: Iterable[FileEntry]) -> Iterator[list[Decoded]]:
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        # Decoding is ingest work: below searches in CPU priority (serving/priority.py).
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode", initializer=lower_thread_priority)
         pending: deque = deque()
         source = iter(entries)
 
