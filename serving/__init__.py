@@ -7,6 +7,7 @@
     embedder.py   the checkpoint as an embedder (ONNX Runtime or eager PyTorch), query cache + batching
     onnx_encoder.py, onnx_export.py, preprocess.py   the torch-free ONNX Runtime encoders, their export
     query_cache.py, batching.py   the LRU of query embeddings, the query micro-batcher
+    priority.py   ingest threads below searches in CPU priority (per-thread nice)
     ingest.py     walk, hash, decode+embed pipeline, dedup rules
     gallery.py    every API operation as a method (model-id checks, re-index)
     thumbnails.py JPEG thumbnails cached on disk under the store folder (ETag = file version)
