@@ -19,7 +19,8 @@ is refused and the server stays on eager PyTorch.
 The cache folder is `$SMART_GALLERY_CACHE/onnx/<model id>-v<format>` (default
 `~/.cache/smart-gallery`): the model id is a hash of the weights, so a folder is never stale,
 and checkpoints themselves are only read. Exports are written to a temporary folder and renamed
-into place, so two servers starting at once cannot leave a half-written export.
+into place, so two servers starting at once cannot leave a half-written export. The cache keeps
+the 8 most recently used exports (`prune_exports`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1  # bump when the exported graphs change meaning
 OPSET = 17
+KEEP_EXPORTS = 8  # most recently used exports kept in the cache folder
 PROBE_TEXTS = [
     "a dog", "beach", "a photo of a mountain lake at sunset", "Red CAR parked on the street!",
     "two people walking on the beach with a dog, the sun going down behind them over the sea and some boats "
@@ -190,6 +192,7 @@ def ensure_export(checkpoint: str | Path, timeout_s: float = 600.0) -> Path:
     out_dir = export_dir_for(checkpoint)
     try:
         read_manifest(out_dir)
+        _mark_used(out_dir)
         return out_dir
     except OnnxExportError:
         pass
@@ -205,7 +208,29 @@ def ensure_export(checkpoint: str | Path, timeout_s: float = 600.0) -> Path:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise OnnxExportError(f"exporting {checkpoint} to ONNX failed: {' | '.join(tail)}")
     read_manifest(out_dir)
+    _mark_used(out_dir)
+    prune_exports(keep=KEEP_EXPORTS)
     return out_dir
+
+
+def _mark_used(out_dir: Path) -> None:
+    try:
+        os.utime(out_dir / MANIFEST_FILE)
+    except OSError:  # a read-only cache still serves
+        pass
+
+
+def prune_exports(keep: int = KEEP_EXPORTS) -> list[Path]:
+    """Remove all but the `keep` most recently used exports (each is 20-500 MB; every model a
+    server or a test run ever served would otherwise stay). A server already running keeps its
+    sessions in memory, and a removed export is made again the next time it is needed."""
+    folders = [d for d in (cache_root() / "onnx").glob(f"*-v{EXPORT_FORMAT}") if (d / MANIFEST_FILE).is_file()]
+    folders.sort(key=lambda d: (d / MANIFEST_FILE).stat().st_mtime, reverse=True)
+    removed = folders[keep:]
+    for folder in removed:
+        logger.info("removing the least recently used ONNX export %s", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -306,3 +306,22 @@ def test_image_batches_run_below_search_priority(embedder):
     single = embedder.embed_images(pixels[:1])  # here
     assert np.allclose(batched[0], single[0], atol=1e-5)
     assert nice_of_this_thread() == mine  # the caller's priority is untouched
+
+
+def test_export_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    import os
+
+    from serving import onnx_export
+
+    monkeypatch.setenv("SMART_GALLERY_CACHE", str(tmp_path))
+    folders = []
+    for index in range(5):
+        folder = tmp_path / "onnx" / f"model{index}-v{onnx_export.EXPORT_FORMAT}"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+        os.utime(folder / "manifest.json", (1000 + index, 1000 + index))
+        folders.append(folder)
+    os.utime(folders[0] / "manifest.json", (5000, 5000))  # the oldest was used last
+    removed = onnx_export.prune_exports(keep=3)
+    assert sorted(removed) == sorted([folders[1], folders[2]])
+    assert [f.exists() for f in folders] == [True, False, False, True, True]
