@@ -91,6 +91,26 @@ def fill_gallery(chroma: ChromaServer, user_id: str, picture: Path, count: int, 
     store.close()
 
 
+def chroma_cost_per_call(chroma: ChromaServer, user_id: str, folder: Path, calls: int = 300) -> dict:
+    """Chroma-server CPU ms of each request a search makes (registry lookup, count, top-10 query)."""
+    from serving.store import GalleryStore
+    from serving.store_backend import ServerBackend
+
+    store = GalleryStore(folder, backend=ServerBackend(chroma.host, chroma.port))
+    user = store.get_user(user_id)
+    vector = store.get_embedding(user, store.list_records(user, 0, 1)[0].id)
+    costs = {}
+    for name, call in (("registry lookup", lambda: store.get_user(user_id)), ("count", lambda: store.count(user)),
+                       ("query top 10", lambda: store.query(user, vector, 10))):
+        before = cpu_seconds(family(chroma.proc))
+        for _ in range(calls):
+            call()
+        costs[name] = 1000 * (cpu_seconds(family(chroma.proc)) - before) / calls
+    store.close()
+    print("Chroma CPU ms per call: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()), flush=True)
+    return costs
+
+
 def load(urls: list[str], user_id: str, seconds: float, concurrency: int) -> dict:
     latencies: list[float] = []
     errors = [0]
@@ -127,7 +147,7 @@ def load(urls: list[str], user_id: str, seconds: float, concurrency: int) -> dic
 
 
 def bench_search(args, base: Path) -> dict:
-    checkpoint = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(1)[0]
+    checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else tiny_checkpoint(1)[0]
     picture = write_image(base / "pictures" / "one.jpg", 1, size=(320, 240))
     chroma = ChromaServer(base / "chroma").wait_ready()
     workers: list[ServerProcess] = []
@@ -146,6 +166,7 @@ def bench_search(args, base: Path) -> dict:
         began = time.monotonic()
         fill_gallery(chroma, user_id, picture, args.images - 1, base / "fill")
         results["fill_s"] = time.monotonic() - began
+        results["chroma_cpu_ms_per_call"] = chroma_cost_per_call(chroma, user_id, base / "fill")
         for count in (1, 2):
             if count == 2:
                 workers.append(ServerProcess(checkpoint, base / "db-b", base / "cwd-b", *chroma.overrides,
