@@ -47,12 +47,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def preprocessing_of(model_cfg) -> Preprocessing:
     return Preprocessing(model_cfg.image.image_size, tuple(model_cfg.image.mean), tuple(model_cfg.image.std),
                          model_cfg.text.max_tokens, model_cfg.image.get("resize", "crop"))
