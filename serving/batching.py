@@ -93,3 +93,87 @@ class QueryBatcher:
             self.largest_batch = max(self.largest_batch, len(batch))
             if closing:
                 return
+
+
+class GroupBatcher:
+    """Micro-batching of calls that can be answered together when they share a key.
+
+    Used for the store's top-k queries (`GalleryStore.query`): under load several searches of
+    one gallery wait at once, and one Chroma query with all their embeddings costs less than
+    one query each (at 100k records 4.6 instead of 5.5 ms of CPU per query in batches of 8),
+    and the request threads no longer run Chroma side by side. Callers `submit(key, item)`; one thread takes the first queued call and
+    every other one already queued (up to `max_batch`, no waiting: an idle server adds no
+    delay), groups them by key (in arrival order) and calls `run(key, items)` once per group,
+    which must return one result per item, in order. An error in one group goes to that group's
+    callers only.
+    """
+
+    def __init__(self, run: Callable[[object, list], list], max_batch: int = 32, name: str = "group-batcher"):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._run_group = run
+        self._max_batch = int(max_batch)
+        self._queue: SimpleQueue = SimpleQueue()
+        self._closed = False
+        self.calls = 0  # counters for the benchmark and the tests
+        self.items = 0
+        self.largest_group = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key, item):
+        """`run(key, [..., item, ...])`'s result for `item` (blocks until its group has run)."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        future: Future = Future()
+        self._queue.put((key, item, future))
+        return future.result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        while True:  # a call that raced with close() gets an error, not a wait for ever
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                return
+            if item is not None:
+                item[2].set_exception(RuntimeError("the batcher is closed"))
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, closing = [first], False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                batch.append(item)
+            groups: dict = {}
+            for key, item, future in batch:
+                groups.setdefault(key, []).append((item, future))
+            for key, members in groups.items():
+                try:
+                    results = self._run_group(key, [item for item, _ in members])
+                    if len(results) != len(members):
+                        raise RuntimeError(f"{len(results)} results for {len(members)} calls")
+                    for (_, future), result in zip(members, results):
+                        future.set_result(result)
+                except BaseException as error:  # hand the error to every caller of this group
+                    for _, future in members:
+                        if not future.done():
+                            future.set_exception(error)
+                self.calls += 1
+                self.items += len(members)
+                self.largest_group = max(self.largest_group, len(members))
+            if closing:
+                return

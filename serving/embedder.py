@@ -13,7 +13,8 @@ Search queries go through an LRU cache keyed by (model id, text) (`serving.query
 a micro-batcher (`serving.batching`): concurrent searches share one text-encoder run instead of
 each thread running the encoder on its own and fighting over the same cores. The batcher's
 thread runs the text encoder on one core: on a shared 2-core machine a second thread mostly
-waits for the busy other core (see `serving.onnx_encoder`).
+waits for the busy other core (see `serving.onnx_encoder`). The store's top-k queries are
+batched the same way, per gallery (`GalleryStore.query`).
 
 Image batches (ingest) run on a thread of their own at a lower CPU priority
 (`serving.priority`), so searches arriving during an ingest get the cores first; a single

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.batching import QueryBatcher
+from serving.batching import GroupBatcher, QueryBatcher
 from serving.embedder import Embedder, TorchEncoders
 from serving.onnx_encoder import MIN_COSINE, OnnxEncoders
 from serving.onnx_export import ensure_export
@@ -325,3 +325,111 @@ def test_export_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
     removed = onnx_export.prune_exports(keep=3)
     assert sorted(removed) == sorted([folders[1], folders[2]])
     assert [f.exists() for f in folders] == [True, False, False, True, True]
+
+
+# ------------------------------------------------------------------ batched store queries
+
+def test_concurrent_store_queries_are_batched_and_each_gets_its_own_answer(tmp_path, monkeypatch):
+    """Queries waiting together become one Chroma query per (collection, n_results, folder), and
+    each caller gets exactly (ids, scores, metadata) what a Chroma query of its own returns."""
+    from serving.store import GalleryStore, ImageRecord
+
+    rng = np.random.default_rng(7)
+    dim, size = 32, 3000
+    vectors = rng.standard_normal((size, dim)).astype(np.float32)
+    records = [ImageRecord(f"id{i}", f"/pics/{'a' if i % 3 else 'b'}/{i}.jpg", 1, 1, f"h{i}", float(i))
+               for i in range(size)]
+    queries = rng.standard_normal((24, dim)).astype(np.float32)
+    asks = [(queries[i], (5, 10, 37)[i % 3], (None, "/pics/b")[i % 2]) for i in range(len(queries))]
+    with GalleryStore(tmp_path / "db") as store:
+        user, _ = store.get_or_create_user("batched", "model-a")
+        other, _ = store.get_or_create_user("other", "model-a")
+        store.upsert(user, records, vectors)
+        store.upsert(other, records[:500], vectors[:500] * -1)
+        collection_type = type(store.collection(user))
+
+        def own(owner, vector, n, folder):  # Chroma's answer to this query alone
+            got = store.collection(owner).query(
+                query_embeddings=vector.reshape(1, -1), n_results=n, include=["metadatas", "distances"],
+                where={"ancestors": {"$contains": folder}} if folder else None)
+            return [(rid, 1.0 - float(d), meta) for rid, d, meta in
+                    zip(got["ids"][0], got["distances"][0], got["metadatas"][0])]
+
+        expected = [own(user if i % 4 else other, v, n, f) for i, (v, n, f) in enumerate(asks)]
+
+        real_query, calls, release = collection_type.query, [], threading.Event()
+
+        def gated(self, *args, **kwargs):  # Chroma's query, held once so the others queue up
+            calls.append(len(kwargs["query_embeddings"]))
+            if len(calls) == 1:
+                release.wait(10)
+            return real_query(self, *args, **kwargs)
+
+        monkeypatch.setattr(collection_type, "query", gated)
+        with ThreadPoolExecutor(len(asks)) as pool:
+            first = pool.submit(store.query, other, *asks[0])
+            deadline = time.monotonic() + 10
+            while not calls:
+                assert time.monotonic() < deadline
+                threading.Event().wait(0.01)
+            rest = [pool.submit(store.query, user if i % 4 else other, *asks[i]) for i in range(1, len(asks))]
+            while store._queries._queue.qsize() < len(rest):
+                assert time.monotonic() < deadline, "the queries never queued up"
+                threading.Event().wait(0.01)
+            release.set()
+            answers = [first.result(10)] + [future.result(10) for future in rest]
+        monkeypatch.undo()
+        groups = {((user if i % 4 else other).user_id, n, f) for i, (_, n, f) in enumerate(asks[1:], start=1)}
+        assert calls[0] == 1 and len(calls) == 1 + len(groups)  # one Chroma query per group
+        assert sum(calls) == len(asks) and store._queries.largest_group > 1
+        for i, (answer, want) in enumerate(zip(answers, expected)):
+            got = [(record.id, score, record.metadata()) for record, score in answer]
+            assert [g[0] for g in got] == [w[0] for w in want], i
+            assert [g[1] for g in got] == [w[1] for w in want], i  # bit for bit
+            assert [g[2] for g in got] == [w[2] for w in want], i
+        # a folder that matches nothing, and an error in one group reaching its callers only
+        assert store.query(user, queries[0], 5, folder="/nowhere") == []
+        with pytest.raises(Exception):
+            store.query(user, np.ones(dim + 1, dtype=np.float32), 5)
+        assert [r.id for r, _ in store.query(user, *asks[1])] == [w[0] for w in expected[1]]  # still serving
+
+
+def test_group_batcher_runs_each_key_once_and_keeps_errors_inside_their_group():
+    release, calls = threading.Event(), []
+
+    def run(key, items):
+        calls.append((key, list(items)))
+        if len(calls) == 1:
+            release.wait(10)  # hold the thread while the others queue up
+        if key == "bad":
+            raise ValueError("bad group")
+        return [(key, item * 10) for item in items]
+
+    batcher = GroupBatcher(run)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(batcher.submit, "a", 0)
+            while not calls:
+                threading.Event().wait(0.01)
+            asks = [("a", 1), ("b", 2), ("bad", 3), ("a", 4), ("b", 5), ("bad", 6)]
+            futures = [pool.submit(batcher.submit, key, item) for key, item in asks]
+            deadline = time.monotonic() + 10
+            while batcher._queue.qsize() < len(asks):
+                assert time.monotonic() < deadline, "the calls never queued up"
+                threading.Event().wait(0.01)
+            release.set()
+            assert first.result(10) == ("a", 0)
+            for (key, item), future in zip(asks, futures):
+                if key == "bad":
+                    with pytest.raises(ValueError, match="bad group"):
+                        future.result(10)
+                else:
+                    assert future.result(10) == (key, item * 10)
+        assert calls[1:] == [("a", [1, 4]), ("b", [2, 5]), ("bad", [3, 6])]  # arrival order within a key
+        assert batcher.largest_group == 2 and batcher.items == 7 and batcher.calls == 4
+        assert batcher.submit("c", 1) == ("c", 10)  # keeps going after an error
+    finally:
+        release.set()
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit("a", 1)
