@@ -20,21 +20,21 @@ fi
 if [ -f "$target/.deps-$deps_hash" ]; then
   echo "virtual environment up to date: $target"
 else
+  # Built where it will live: console scripts (chroma, torchrun, schemathesis...) get a #! line
+  # naming this interpreter, so a venv must not be moved after pip ran. The marker file written
+  # last is what makes a half-built environment (a crash, Ctrl+C) count as missing next time.
   rm -rf "$target" "$target.partial"
-  build="$target"
-  [ "$target" != ".venv" ] && build="$target.partial"
-  "$PYTHON" -m venv "$build"
-  "$build/bin/pip" install --quiet --upgrade pip "setuptools>=68"
+  "$PYTHON" -m venv "$target"
+  "$target/bin/pip" install --quiet --upgrade pip "setuptools>=68"
   # Dependencies only (the checkout itself is linked in below, outside this cached step), so
   # one cached environment serves every clone. torch/torchvision come from this machine's local disk.
-  "$build/bin/python" - <<'PY' > "$build/requirements.txt"
+  "$target/bin/python" - <<'PY' > "$target/requirements.txt"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
 PY
-  "$build/bin/pip" install --quiet -r "$build/requirements.txt"
-  touch "$build/.deps-$deps_hash"
-  [ "$build" != "$target" ] && mv "$build" "$target"
+  "$target/bin/pip" install --quiet -r "$target/requirements.txt"
+  touch "$target/.deps-$deps_hash"
 fi
 
 if [ "$target" != ".venv" ]; then
@@ -47,8 +47,7 @@ fi
 # scripts of pyproject.toml (smart-gallery, smart-gallery-serve, smart-gallery-reindex).
 # Rewritten on every run, so an environment shared by several clones (the cache above) points
 # at the clone whose setup.sh ran last; code run from a checkout's root folder still imports
-# that checkout first. (`python -m pip`, not bin/pip: a cached environment is built under
-# another name and moved, which leaves bin/pip's #! line pointing at the old one.)
+# that checkout first.
 if ! log=$(.venv/bin/python -m pip install --no-deps --no-build-isolation --editable . 2>&1); then
   echo "$log" >&2
   exit 1
