@@ -13,9 +13,11 @@ Prints, each with its target in the SUMMARY at the end (results: docs/benchmarks
   (Each image costs t_decode core-seconds of decoding plus cores/ips core-seconds of inference.)
 - search latency p50/p99 over HTTP (POST /images/search, top_k=10, distinct queries so the
   query cache never hits) at each gallery size: one keep-alive client, then `--clients`
-  concurrent clients (searches/s too), then the same clients during an ingest of the image
-  folder into another gallery (p99, errors). The large galleries are random unit vectors
-  written through the store before the server starts (the store has a single owner); each
+  concurrent clients (searches/s too, and the CPU each search cost in the gallery worker and in
+  all server processes: steadier than searches/s on a shared machine), then the same clients
+  during an ingest of the image folder into another gallery (p99, errors). The large
+  galleries are random unit vectors written through the store before the server starts (the
+  store has a single owner); each
   record names an empty file that exists, since searches skip records whose file is gone.
 - the server's memory after all of it: RSS and PSS of each of its processes.
 - the machine's load average at the start and the end: the client and other users of the
@@ -368,7 +370,11 @@ def main() -> None:
             user_id = filled["users"][size]
             concurrent_searches(url, user_id, [f"warm-up {i}" for i in range(args.clients)], args.clients)
             queries = [f"{words[i % len(words)]} seen from afar, take {i} at {size}" for i in range(args.concurrent_queries)]
+            worker_cpu, server_cpu = cpu_seconds(worker), family_cpu_seconds(pids) - sum(os.times()[:2])
             concurrent[size] = concurrent_searches(url, user_id, queries, args.clients)
+            done = max(1, len(concurrent[size]["latencies"]))  # CPU per search: less noisy than searches/s
+            concurrent[size]["worker_ms"] = (cpu_seconds(worker) - worker_cpu) * 1000 / done
+            concurrent[size]["server_ms"] = (family_cpu_seconds(pids) - sum(os.times()[:2]) - server_cpu) * 1000 / done
             print(f"  {args.clients} clients at {size}: {concurrent[size]['per_s']:.0f} searches/s ({load()})", flush=True)
 
         # Searches while a real ingest runs: a second gallery takes the same folder (all new work).
@@ -448,6 +454,8 @@ def main() -> None:
             c = concurrent[size]
             print(f"  {size:>7} images: {c['per_s']:6.1f} searches/s   p50 {percentile(c['latencies'], 50):6.1f} ms   "
                   f"p99 {percentile(c['latencies'], 99):6.1f} ms   ({len(c['latencies'])} ok, {len(c['errors'])} errors)")
+            print(f"  {'':>7}         CPU per search: {c['worker_ms']:.1f} ms in the gallery worker, "
+                  f"{c['server_ms']:.1f} ms in all server processes")
         ing = during["ingest"]
         print(f"  during an ingest of {ing.get('added', 0)} images into another gallery ({ing.get('seconds', 0):.1f} s, "
               f"{ing.get('added', 0) / max(ing.get('seconds', 1), 1e-9):.1f} images/s): {len(during['latencies'])} searches "
