@@ -17,8 +17,8 @@ Prints, each with its target in the SUMMARY at the end (results: docs/benchmarks
   all server processes: steadier than searches/s on a shared machine), then the same clients
   during an ingest of the image folder into another gallery (p99, errors). The large
   galleries are random unit vectors written through the store before the server starts (the
-  store has a single owner); each
-  record names an empty file that exists, since searches skip records whose file is gone.
+  store has a single owner); each record names an empty file that exists, since searches
+  skip records whose file is gone.
 - the server's memory after all of it: RSS and PSS of each of its processes.
 - the machine's load average at the start and the end: the client and other users of the
   machine share its cores, so note it beside the figures.
