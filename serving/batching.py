@@ -24,6 +24,21 @@ from typing import Callable
 import numpy as np
 
 
+def _answer(futures: list[Future], compute: Callable[[], list], what: str) -> None:
+    """Give each waiting caller its own row of `compute()`; an error (or a wrong row count) goes
+    to every one of them, so no caller waits for ever and the batching thread goes on."""
+    try:
+        results = compute()
+        if len(results) != len(futures):
+            raise RuntimeError(f"{len(results)} {what} for {len(futures)} calls")
+        for future, result in zip(futures, results):
+            future.set_result(result)
+    except BaseException as error:
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+
 class QueryBatcher:
     def __init__(self, embed_fn: Callable[[list[str]], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.0,
                  on_start: Callable[[], None] | None = None):
@@ -78,16 +93,8 @@ class QueryBatcher:
             if first is None:
                 return
             batch, closing = self._collect(first)
-            try:
-                vectors = self._embed([text for text, _ in batch])
-                if len(vectors) != len(batch):
-                    raise RuntimeError(f"the encoder returned {len(vectors)} vectors for {len(batch)} queries")
-                for (_, future), vector in zip(batch, vectors):
-                    future.set_result(vector)
-            except BaseException as error:  # hand the error to every waiting caller
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
+            _answer([future for _, future in batch], lambda: self._embed([text for text, _ in batch]),
+                    "vectors from the encoder")
             self.batches += 1
             self.queries += len(batch)
             self.largest_batch = max(self.largest_batch, len(batch))
@@ -162,16 +169,9 @@ class GroupBatcher:
             for key, item, future in batch:
                 groups.setdefault(key, []).append((item, future))
             for key, members in groups.items():
-                try:
-                    results = self._run_group(key, [item for item, _ in members])
-                    if len(results) != len(members):
-                        raise RuntimeError(f"{len(results)} results for {len(members)} calls")
-                    for (_, future), result in zip(members, results):
-                        future.set_result(result)
-                except BaseException as error:  # hand the error to every caller of this group
-                    for _, future in members:
-                        if not future.done():
-                            future.set_exception(error)
+                # An error in this group goes to this group's callers only.
+                _answer([future for _, future in members],
+                        lambda: self._run_group(key, [item for item, _ in members]), "results")
                 self.calls += 1
                 self.items += len(members)
                 self.largest_group = max(self.largest_group, len(members))
