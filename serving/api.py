@@ -488,14 +488,13 @@ def _no_auth() -> None:
 class GalleryAPI(ls.LitAPI):
     """The one worker that owns the store and the model (see the module docstring)."""
 
-    def __init__(self, settings: ServeSettings, executor_threads: int = 8):
+    def __init__(self, settings: ServeSettings):
         super().__init__(spec=GallerySpec(), enable_async=True, max_batch_size=1)
         self.settings = settings
         self.api_key = settings.api_key  # the admin key
         self.auth = settings.auth_enabled
         if not self.auth:  # LitServe uses `authorize` as the routes' dependency: this one declares no security
             self.authorize = _no_auth
-        self.executor_threads = executor_threads
         self.healthcheck_path = "/health"
         self.gallery = None
 
@@ -538,7 +537,7 @@ class GalleryAPI(ls.LitAPI):
         settings = self.settings
         if settings.device == "auto":
             settings = ServeSettings.from_mapping({**settings.to_dict(), "device": str(device)})
-        self._executor = ThreadPoolExecutor(self.executor_threads, thread_name_prefix="gallery")
+        self._executor = ThreadPoolExecutor(settings.search.request_threads, thread_name_prefix="gallery")
         self.gallery = Gallery.open(settings, stop=self.stop)
         self.keys = KeyRing(settings.db_dir)
         logger.info("gallery worker ready: model %s, store %s", self.gallery.model_id, settings.db_dir)

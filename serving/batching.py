@@ -1,22 +1,24 @@
-"""Micro-batching of search queries: concurrent searches share one text-encoder run.
+"""Micro-batching under load: concurrent searches share one text-encoder run and one Chroma query.
 
-Why: searches arrive on several worker threads at once under load. Encoded one by one, each
-pays the encoder's fixed cost and they queue behind each other; encoded together, a batch of
-eight costs about as much as two or three single queries (MiniLM on this CPU), so throughput
-grows with concurrency instead of latency.
+Why: searches arrive on many worker threads at once under load. Run one by one, each pays the
+encoder's and the index's fixed costs and they queue behind each other; run together, eight
+queries cost the text encoder ~30% less CPU each (MiniLM on this CPU) and Chroma ~15% less, so
+throughput grows with concurrency instead of latency.
 
-How: callers put (text, future) on a queue; one thread takes the first item, then everything
-else already queued (up to `max_batch`), optionally after waiting `max_wait_s` for more, runs
-the encoder once and hands each caller its own row. With the default `max_wait_s=0` an idle
-server adds no delay: a batch forms only from queries that arrived while the encoder was busy
-with the previous one, which is exactly when batching pays. An encoder error is handed to every
-caller of that batch; the thread goes on with the next.
+How: callers put (key, item, future) on a queue; one thread takes the first call, then every
+other one already queued (up to `max_batch`, no waiting: an idle server adds no delay, and a
+batch forms only from calls that arrived while the previous one ran, which is exactly when
+batching pays), runs each key's group once and hands each caller its own result. An error goes
+to the callers of that group only; the thread goes on with the next.
+
+`max_batch` bounds the tail: a call that just missed a batch waits for it to finish, so a
+batch of 32 (~110 ms of encoder time) put the p99 at 50 clients ~60 ms above a batch of 8 for
+~3% more searches/s (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Callable
@@ -39,86 +41,22 @@ def _answer(futures: list[Future], compute: Callable[[], list], what: str) -> No
                 future.set_exception(error)
 
 
-class QueryBatcher:
-    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.0,
-                 on_start: Callable[[], None] | None = None):
-        """`on_start` runs first on the batching thread (e.g. per-thread torch settings)."""
-        if max_batch < 1 or max_wait_s < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_s >= 0")
-        self._embed = embed_fn
-        self._max_batch = int(max_batch)
-        self._max_wait_s = float(max_wait_s)
-        self._on_start = on_start
-        self._queue: SimpleQueue = SimpleQueue()
-        self._closed = False
-        self.batches = 0  # counters for the benchmark and the tests
-        self.queries = 0
-        self.largest_batch = 0
-        self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
-        self._thread.start()
-
-    def embed(self, text: str) -> np.ndarray:
-        """The embedding of `text` (blocks until its batch has run)."""
-        if self._closed:
-            raise RuntimeError("the query batcher is closed")
-        future: Future = Future()
-        self._queue.put((text, future))
-        return future.result()
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _collect(self, first) -> tuple[list, bool]:
-        """The batch starting with `first`; True when the close marker was seen."""
-        batch = [first]
-        deadline = time.monotonic() + self._max_wait_s
-        while len(batch) < self._max_batch:
-            try:
-                wait = deadline - time.monotonic()
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _run(self) -> None:
-        if self._on_start is not None:
-            self._on_start()
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, closing = self._collect(first)
-            _answer([future for _, future in batch], lambda: self._embed([text for text, _ in batch]),
-                    "vectors from the encoder")
-            self.batches += 1
-            self.queries += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            if closing:
-                return
-
-
 class GroupBatcher:
-    """Micro-batching of calls that can be answered together when they share a key.
+    """Calls answered together when they share a key, on one thread.
 
-    Used for the store's top-k queries (`GalleryStore.query`): under load several searches of
-    one gallery wait at once, and one Chroma query with all their embeddings costs less than
-    one query each (at 100k records 4.6 instead of 5.5 ms of CPU per query in batches of 8),
-    and the request threads no longer run Chroma side by side. Callers `submit(key, item)`; one thread takes the first queued call and
-    every other one already queued (up to `max_batch`, no waiting: an idle server adds no
-    delay), groups them by key (in arrival order) and calls `run(key, items)` once per group,
-    which must return one result per item, in order. An error in one group goes to that group's
-    callers only.
+    Used for the store's top-k queries (`GalleryStore.query`, key: gallery, k and folder) and,
+    with a single key, for query embeddings (`QueryBatcher`). Callers `submit(key, item)`; the
+    thread groups a batch by key (in arrival order) and calls `run(key, items)` once per group,
+    which must return one result per item, in order. `on_start` runs first on that thread (e.g.
+    per-thread torch settings).
     """
 
-    def __init__(self, run: Callable[[object, list], list], max_batch: int = 32, name: str = "group-batcher"):
+    def __init__(self, run: Callable[[object, list], list], max_batch: int = 8, name: str = "group-batcher",
+                 on_start: Callable[[], None] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._run_group = run
+        self._on_start = on_start
         self._max_batch = int(max_batch)
         self._queue: SimpleQueue = SimpleQueue()
         self._closed = False
@@ -136,6 +74,10 @@ class GroupBatcher:
         self._queue.put((key, item, future))
         return future.result()
 
+    def queued(self) -> int:
+        """Calls waiting for the thread (not counting the batch it is running)."""
+        return self._queue.qsize()
+
     def close(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
@@ -151,6 +93,8 @@ class GroupBatcher:
                 item[2].set_exception(RuntimeError("the batcher is closed"))
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             first = self._queue.get()
             if first is None:
@@ -177,3 +121,37 @@ class GroupBatcher:
                 self.largest_group = max(self.largest_group, len(members))
             if closing:
                 return
+
+
+class QueryBatcher:
+    """Concurrent search queries share one text-encoder run: a `GroupBatcher` with one key."""
+
+    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray], max_batch: int = 8,
+                 on_start: Callable[[], None] | None = None):
+        self._embed = embed_fn
+        self._batcher = GroupBatcher(self._embed_group, max_batch=max_batch, name="query-batcher", on_start=on_start)
+
+    def _embed_group(self, _key, texts: list[str]) -> list[np.ndarray]:
+        return list(self._embed(texts))
+
+    def embed(self, text: str) -> np.ndarray:
+        """The embedding of `text` (blocks until its batch has run)."""
+        return self._batcher.submit(None, text)
+
+    def queued(self) -> int:
+        return self._batcher.queued()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._batcher.close(timeout)
+
+    @property
+    def batches(self) -> int:  # counters for the logs, the benchmark and the tests
+        return self._batcher.calls
+
+    @property
+    def queries(self) -> int:
+        return self._batcher.items
+
+    @property
+    def largest_batch(self) -> int:
+        return self._batcher.largest_group

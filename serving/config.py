@@ -32,9 +32,18 @@ class IngestSettings:
 
 @dataclass
 class IndexSettings:
-    ef_search: int = 400            # HNSW recall@10 was 0.51 at Chroma's default, 0.91 at 400
+    ef_search: int = 300            # recall vs cost: scripts/bench_recall.py, docs/benchmarks.md
     ef_construction: int = 100
     max_neighbors: int = 16
+
+
+@dataclass
+class SearchSettings:
+    # Requests the gallery worker runs at once. Under load the batchers (serving/batching.py)
+    # can only batch what is in the worker: with 8 threads, 50 clients' searches queued in
+    # front of it and batches stayed small (docs/benchmarks.md). A waiting thread costs no CPU.
+    request_threads: int = 48
+    max_batch: int = 8              # queries per text-encoder run and per Chroma top-k query
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ServeSettings:
     log_level: str = "info"
     ingest: IngestSettings = field(default_factory=IngestSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
     # The store backend (configs/store/, serving/store_backend.py): embedded or a Chroma server.
     store: dict = field(default_factory=lambda: {"_target_": "serving.store_backend.EmbeddedBackend"})
 
@@ -69,15 +79,17 @@ class ServeSettings:
         values.pop("reindex", None)  # options of the re-index CLI only
         ingest = IngestSettings(**(values.pop("ingest", None) or {}))
         index = IndexSettings(**(values.pop("index", None) or {}))
-        known = set(cls.__dataclass_fields__) - {"ingest", "index"}
+        search = SearchSettings(**(values.pop("search", None) or {}))
+        groups = {"ingest", "index", "search"}
+        known = set(cls.__dataclass_fields__) - groups
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown serve settings: {unknown}; known: {sorted(known | {'ingest', 'index'})}")
+            raise ConfigError(f"unknown serve settings: {unknown}; known: {sorted(known | groups)}")
         roots = values.get("allowed_roots") or []
         if isinstance(roots, str):
             roots = [roots]
         values["allowed_roots"] = [str(r) for r in roots]
-        return cls(ingest=ingest, index=index, **values)
+        return cls(ingest=ingest, index=index, search=search, **values)
 
     @classmethod
     def from_hydra(cls, cfg) -> "ServeSettings":
@@ -146,6 +158,8 @@ class ServeSettings:
             raise ConfigError("num_api_servers must be >= 1")
         if self.ingest.batch_size < 1 or self.ingest.prefetch_batches < 0:
             raise ConfigError("ingest.batch_size must be >= 1 and ingest.prefetch_batches >= 0")
+        if self.search.request_threads < 1 or self.search.max_batch < 1:
+            raise ConfigError("search.request_threads and search.max_batch must be >= 1")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1024")
         if self.max_upload_bytes < 1024:

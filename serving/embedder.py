@@ -91,7 +91,7 @@ def _choose(encoder: str, device: str, bf16) -> str:
 
 class Embedder:
     def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None,
-                 encoder: str | None = None, query_cache_size: int = 4096):
+                 encoder: str | None = None, query_cache_size: int = 4096, max_batch: int = 8):
         threads = int(threads or _cores())
         # The encoders are built on the low-priority image thread: the pool threads ONNX Runtime
         # starts for the image session inherit its priority.
@@ -107,7 +107,8 @@ class Embedder:
         self.transform = self.encoders.transform
         self.dim = self.encoders.dim
         self.query_cache = QueryCache(query_cache_size)
-        self._batcher = QueryBatcher(self.encoders.embed_texts, on_start=getattr(self.encoders, "query_thread_setup", None))
+        self._batcher = QueryBatcher(self.encoders.embed_texts, max_batch=max_batch,
+                                     on_start=getattr(self.encoders, "query_thread_setup", None))
         logger.info("encoders: %s (model %s, %d threads for images, 1 for queries)", self.backend, self.model_id, threads)
 
     @staticmethod

@@ -97,10 +97,11 @@ class Gallery:
     def open(cls, settings: ServeSettings, stop: threading.Event | None = None) -> "Gallery":
         from serving.embedder import Embedder
 
-        store = GalleryStore(settings.db_dir, **vars(settings.index), backend=settings.store)
+        store = GalleryStore(settings.db_dir, **vars(settings.index), backend=settings.store,
+                             query_batch=settings.search.max_batch)
         try:
             embedder = Embedder(settings.checkpoint, settings.device, settings.bf16,
-                                settings.torch_threads or settings.cores)
+                                settings.torch_threads or settings.cores, max_batch=settings.search.max_batch)
         except BaseException:
             store.close()
             raise

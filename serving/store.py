@@ -15,8 +15,10 @@ Rules this module keeps:
 - Exactly one process opens a store folder (the lock): a Chroma process that has loaded an
   index does not see vectors another process adds later, and two processes opening a fresh
   folder at once crashed (DESIGN.md).
-- Each collection is cosine space with a high `ef_search`, and its metadata records the
-  `model_id` of the checkpoint whose embeddings it holds.
+- Each collection is cosine space; its metadata records the `model_id` of the checkpoint whose
+  embeddings it holds. `ef_search` trades recall for CPU (`scripts/bench_recall.py`); Chroma
+  keeps the value an index was loaded with for the life of the process, so a changed setting
+  is applied (`collection()`) when the store is opened, before any index is loaded.
 - Image ids are a hash of the resolved path, so one path is one record; embeddings are always
   passed (never let Chroma embed documents itself); metadata values are never None.
 - Every write is one Chroma upsert/delete per batch (a transaction): a crash leaves whole
@@ -156,8 +158,8 @@ def make_backend(backend=None):
 
 
 class GalleryStore:
-    def __init__(self, path: str | Path, ef_search: int = 400, ef_construction: int = 100, max_neighbors: int = 16,
-                 backend=None):
+    def __init__(self, path: str | Path, ef_search: int = 300, ef_construction: int = 100, max_neighbors: int = 16,
+                 backend=None, query_batch: int = 8):
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.backend = make_backend(backend)
@@ -172,7 +174,7 @@ class GalleryStore:
             self._counts: dict[str, int] = {}  # embedded store only: see count()
             self._count_versions: dict[str, int] = {}
             self._count_lock = threading.Lock()
-            self._queries = GroupBatcher(self._query_group, name="store-query")  # see query()
+            self._queries = GroupBatcher(self._query_group, max_batch=query_batch, name="store-query")  # see query()
             self.registry = self.backend.registry(self.client, self.path, User)
             self._remove_orphans()
         except BaseException:

@@ -100,7 +100,7 @@ def test_concurrent_queries_share_a_batch_and_each_gets_its_own_embedding(embedd
             deadline = time.monotonic() + 10
             # The first run (one query, or a few that arrived together) holds the encoder; wait
             # until every other query is queued behind it.
-            while not calls or batcher._queue.qsize() < len(TEXTS) - len(calls[0]):
+            while not calls or batcher.queued() < len(TEXTS) - len(calls[0]):
                 assert time.monotonic() < deadline, "the queries never queued up"
                 threading.Event().wait(0.01)
             release.set()
@@ -137,7 +137,7 @@ def test_batcher_hands_an_error_to_every_caller_and_keeps_going():
                 threading.Event().wait(0.01)
             queued = [pool.submit(batcher.embed, t) for t in ("a", "b", "c")]
             deadline = time.monotonic() + 10
-            while batcher._queue.qsize() < 3:
+            while batcher.queued() < 3:
                 assert time.monotonic() < deadline, "the queries never queued up"
                 threading.Event().wait(0.01)
             release.set()
@@ -341,7 +341,7 @@ def test_concurrent_store_queries_are_batched_and_each_gets_its_own_answer(tmp_p
                for i in range(size)]
     queries = rng.standard_normal((24, dim)).astype(np.float32)
     asks = [(queries[i], (5, 10, 37)[i % 3], (None, "/pics/b")[i % 2]) for i in range(len(queries))]
-    with GalleryStore(tmp_path / "db") as store:
+    with GalleryStore(tmp_path / "db", query_batch=32) as store:  # one batch takes every queued query
         user, _ = store.get_or_create_user("batched", "model-a")
         other, _ = store.get_or_create_user("other", "model-a")
         store.upsert(user, records, vectors)
@@ -373,7 +373,7 @@ def test_concurrent_store_queries_are_batched_and_each_gets_its_own_answer(tmp_p
                 assert time.monotonic() < deadline
                 threading.Event().wait(0.01)
             rest = [pool.submit(store.query, user if i % 4 else other, *asks[i]) for i in range(1, len(asks))]
-            while store._queries._queue.qsize() < len(rest):
+            while store._queries.queued() < len(rest):
                 assert time.monotonic() < deadline, "the queries never queued up"
                 threading.Event().wait(0.01)
             release.set()
@@ -414,7 +414,7 @@ def test_group_batcher_runs_each_key_once_and_keeps_errors_inside_their_group():
             asks = [("a", 1), ("b", 2), ("bad", 3), ("a", 4), ("b", 5), ("bad", 6)]
             futures = [pool.submit(batcher.submit, key, item) for key, item in asks]
             deadline = time.monotonic() + 10
-            while batcher._queue.qsize() < len(asks):
+            while batcher.queued() < len(asks):
                 assert time.monotonic() < deadline, "the calls never queued up"
                 threading.Event().wait(0.01)
             release.set()

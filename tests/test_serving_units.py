@@ -80,6 +80,30 @@ def test_settings_refuse_public_bind_without_roots_and_key(tmp_path):
         ServeSettings.from_mapping({**base, "prot": 1})
 
 
+def test_search_settings_compose_from_serve_yaml_and_reach_the_batchers(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    checkpoint, _ = tiny_checkpoint(1)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        default = compose(config_name="serve", overrides=[f"checkpoint={checkpoint}"])
+        tuned = compose(config_name="serve", overrides=[f"checkpoint={checkpoint}", f"db_path={tmp_path / 'db'}",
+                                                        "search.request_threads=5", "search.max_batch=3"])
+    assert ServeSettings.from_mapping(OmegaConf.to_container(default, resolve=True)).search.max_batch == 8
+    settings = ServeSettings.from_mapping(OmegaConf.to_container(tuned, resolve=True))
+    settings.validate()
+    assert settings.search.request_threads == 5
+    gallery = Gallery.open(settings)
+    try:
+        assert gallery.store._queries._max_batch == 3
+        assert gallery.embedder._batcher._batcher._max_batch == 3
+    finally:
+        gallery.close()
+    for bad in ({"request_threads": 0}, {"max_batch": 0}):
+        with pytest.raises(ConfigError, match="search"):
+            ServeSettings.from_mapping({"checkpoint": str(checkpoint), "search": bad}).validate()
+
+
 # ------------------------------------------------------------------ store
 
 
@@ -93,7 +117,7 @@ def test_store_lock_registry_orphans_and_scores(tmp_path):
         again, created = store.get_or_create_user("alice", "model-a")
         assert not created and again.user_id == user.user_id
         config = store.collection(user).configuration["hnsw"]
-        assert config["space"] == "cosine" and config["ef_search"] == 400
+        assert config["space"] == "cosine" and config["ef_search"] == 300
         vectors = np.eye(3, 8, dtype=np.float32)
         vectors[2] = (vectors[0] + vectors[1]) / np.sqrt(2)
         records = [ImageRecord(image_id(f"/p/{i}.jpg"), f"/p/{i}.jpg", 1, 2, f"h{i}", 0.0) for i in range(3)]
