@@ -41,7 +41,7 @@ class OnnxExportError(RuntimeError):
     """No usable ONNX export of a checkpoint (missing, failed, or not matching eager fp32)."""
 
 
-def _session(path: Path, threads: int, arena: bool):
+def _session(path: Path, threads: int, arena: bool, prepack: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -54,6 +54,11 @@ def _session(path: Path, threads: int, arena: bool):
     # Without the arena, activations go back to the allocator after each run instead of staying
     # reserved at their peak size (a 32-image batch's peak is hundreds of MB).
     options.enable_cpu_mem_arena = arena
+    # Pre-packed weights are a second, re-laid-out copy. MiniLM needs them (one query: 4.7 ms
+    # with, 8.2 ms without); the image encoder ran at the same speed without (109 vs 108 img/s)
+    # and its session took ~30 MB less.
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -76,7 +81,7 @@ class OnnxEncoders:
         self.preprocessing = ServingPreprocessing.from_dict(config["preprocessing"])
         self.transform = ImageTransform(self.preprocessing)
         self.tokenize = QueryTokenizer(checkpoint_dir / "tokenizer", self.preprocessing.max_tokens)
-        self.image_session = _session(export_dir / IMAGE_FILE, image_threads, arena=False)
+        self.image_session = _session(export_dir / IMAGE_FILE, image_threads, arena=False, prepack=False)
         self.text_session = _session(export_dir / TEXT_FILE, text_threads, arena=True)
         self.dim = int(manifest["embed_dim"])
 
