@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from serving.config import ConfigError, ServeSettings, configure_logging
+from serving.memory import tune_malloc
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 logger = logging.getLogger("serving")
@@ -80,23 +81,11 @@ def _reap_children(timeout: float = 5.0) -> None:
             child.join(1.0)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Fewer glibc malloc arenas for the processes started from here (they inherit the variable).
-
-    glibc gives each thread that allocates its own arena, up to 8 per core; the gallery worker
-    runs a dozen threads (request executor, decoders, ONNX Runtime, Chroma), and memory freed
-    in an arena is rarely returned to the system. With two arenas, freed memory is reused
-    instead of spread over many (effect measured in docs/benchmarks.md). A value the user set
-    is kept.
-    """
-    os.environ.setdefault("MALLOC_ARENA_MAX", str(arenas))
-
-
 def serve(settings: ServeSettings) -> int:
     from serving.api import build_server
 
     configure_logging(settings.log_level)
-    limit_malloc_arenas()
+    tune_malloc()
     _install_signal_handlers()
     where = f"http://{settings.host}:{settings.port}"
     logger.info("Smart Gallery: web page %s/ (API docs at %s/docs), store %s, checkpoint %s, roots %s, API key %s",

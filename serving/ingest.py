@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 from data.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageLoadError, is_image_file, load_image
 from serving.errors import GalleryError, bad_request, forbidden, not_found
 from serving.paths import PathPolicy
+from serving.memory import release_free_memory
 from serving.priority import lower_thread_priority
 from serving.store import GalleryStore, ImageRecord, User, image_id
 
@@ -273,6 +274,8 @@ class Ingestor:
                 self._store_batch(user, batch, report)
             if progress is not None:
                 progress(len(batch))
+        if todo:
+            release_free_memory()  # the decoded images and batches are freed by now (serving/memory.py)
         return report
 
     def _store_batch(self, user: User, batch: list[Decoded], report: IngestReport) -> None:

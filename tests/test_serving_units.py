@@ -357,3 +357,18 @@ def test_store_folder_is_not_a_picture_folder(tmp_path):
         assert all(img["path"].startswith(str(root / "photos")) for img in listed)
     finally:
         gallery.close()
+
+
+def test_malloc_settings_keep_what_the_user_set_and_trim_runs(monkeypatch):
+    from serving.memory import MALLOC_DEFAULTS, release_free_memory, tune_malloc
+
+    for name in MALLOC_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    tune_malloc()
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"  # the user's value
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(4 << 20)
+    freed = [bytearray(1 << 16) for _ in range(200)]  # heap blocks (below the mmap threshold)
+    del freed
+    release_free_memory()  # glibc: returns free pages; elsewhere a no-op, never an error
