@@ -9,9 +9,7 @@ Query sets:
 - `images`: stored vectors of records drawn at random, asked for their k nearest others (what
   "find similar" asks); the record itself is left out of both answers.
 - `texts`: the text embeddings of the records' file names ("arrow-left.png" -> "arrow left"),
-  encoded by `--checkpoint` (what a text search asks; needs the gallery's model). For these the
-  script also prints how often the named picture itself is in the top k, by exact search and
-  by the index: what a user sees of the index's misses.
+  encoded by `--checkpoint` (what a text search asks; needs the gallery's model).
 - `random`: random unit vectors (the worst case for a graph index: no structure to follow).
 
 Chroma keeps the `ef_search` an index was loaded with for the life of the process (modifying
@@ -117,7 +115,7 @@ def main() -> None:
     picked = rng.choice(len(ids), size=min(args.n, len(ids)), replace=False)
     print(f"gallery {args.gallery}: {len(ids)} vectors of {matrix.shape[1]} dims, model {model_id}; "
           f"{len(picked)} queries per set, recall@{args.k} against exact search")
-    sets, named = {}, list(picked)
+    sets = {}
     for name in args.queries.split(","):
         if name == "images":
             sets[name] = (matrix[picked], list(picked))
@@ -131,13 +129,10 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown query set {name!r}")
 
-    print(f"{'queries':>8} {'ef_search':>9} {'recall@k':>9} {'named@k':>8} {'CPU ms/query':>13} {'wall ms/query':>14}")
+    print(f"{'queries':>8} {'ef_search':>9} {'recall@k':>9} {'CPU ms/query':>13} {'wall ms/query':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (vectors, leave_out) in sets.items():
             truth = exact_top(matrix, vectors, args.k, leave_out)
-            if name == "texts":
-                exact_named = np.mean([target in top for target, top in zip(named, truth)])
-                print(f"{name:>8} {'exact':>9} {1.0:>9.3f} {exact_named:>8.3f}")
             query_file = Path(tmp) / f"{name}.npy"
             np.save(query_file, vectors.astype(np.float32))
             for ef in [int(value) for value in args.ef.split(",")]:
@@ -147,15 +142,12 @@ def main() -> None:
                     check=True, capture_output=True, text=True,
                 ).stdout
                 got = json.loads(out.strip().splitlines()[-1])
-                hits, named_hits = 0, 0
-                for i, (answer, expected, skip) in enumerate(zip(got["ids"], truth, leave_out)):
+                hits = 0
+                for answer, expected, skip in zip(got["ids"], truth, leave_out):
                     found = [position[record_id] for record_id in answer if position[record_id] != skip][:args.k]
                     hits += len(expected.intersection(found))
-                    named_hits += name == "texts" and named[i] in found
                 recall = hits / (args.k * len(truth))
-                named_rate = f"{named_hits / len(truth):>8.3f}" if name == "texts" else f"{'':>8}"
-                print(f"{name:>8} {ef:>9} {recall:>9.3f} {named_rate} {got['cpu_ms']:>13.2f} {got['wall_ms']:>14.2f}",
-                      flush=True)
+                print(f"{name:>8} {ef:>9} {recall:>9.3f} {got['cpu_ms']:>13.2f} {got['wall_ms']:>14.2f}", flush=True)
 
 
 if __name__ == "__main__":
