@@ -358,7 +358,7 @@ def main() -> None:
                 client.post("/images/search", params={"user_id": user_id}, json={"query": words[i % len(words)]})
             times = []
             for i in range(args.queries):
-                query = f"a photo of a {words[i % len(words)]} number {i}"
+                query = f"a photo of a {words[i % len(words)]} number {i} of {size}"  # no cache hits across sizes
                 started = time.perf_counter()
                 response = client.post("/images/search", params={"user_id": user_id}, json={"query": query, "top_k": 10})
                 times.append((time.perf_counter() - started) * 1000)

@@ -44,6 +44,7 @@ class SearchSettings:
     # front of it and batches stayed small (docs/benchmarks.md). A waiting thread costs no CPU.
     request_threads: int = 48
     max_batch: int = 8              # queries per text-encoder run and per Chroma top-k query
+    text_threads: int = 2           # ONNX Runtime threads of the text encoder (serving/onnx_encoder.py)
 
 
 @dataclass
@@ -158,8 +159,8 @@ class ServeSettings:
             raise ConfigError("num_api_servers must be >= 1")
         if self.ingest.batch_size < 1 or self.ingest.prefetch_batches < 0:
             raise ConfigError("ingest.batch_size must be >= 1 and ingest.prefetch_batches >= 0")
-        if self.search.request_threads < 1 or self.search.max_batch < 1:
-            raise ConfigError("search.request_threads and search.max_batch must be >= 1")
+        if min(self.search.request_threads, self.search.max_batch, self.search.text_threads) < 1:
+            raise ConfigError("search.request_threads, search.max_batch and search.text_threads must be >= 1")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1024")
         if self.max_upload_bytes < 1024:

@@ -91,13 +91,14 @@ def _choose(encoder: str, device: str, bf16) -> str:
 
 class Embedder:
     def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None,
-                 encoder: str | None = None, query_cache_size: int = 4096, max_batch: int = 8):
+                 encoder: str | None = None, query_cache_size: int = 4096, max_batch: int = 8, text_threads: int = 2):
         threads = int(threads or _cores())
         # The encoders are built on the low-priority image thread: the pool threads ONNX Runtime
         # starts for the image session inherit its priority.
         self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="image-encoder", initializer=lower_thread_priority)
         try:
-            self.encoders = self._image_thread.submit(self._load, checkpoint, device, bf16, threads, encoder).result()
+            self.encoders = self._image_thread.submit(self._load, checkpoint, device, bf16, threads, encoder,
+                                                      text_threads).result()
         except BaseException:
             self._image_thread.shutdown(wait=False)
             raise
@@ -109,10 +110,11 @@ class Embedder:
         self.query_cache = QueryCache(query_cache_size)
         self._batcher = QueryBatcher(self.encoders.embed_texts, max_batch=max_batch,
                                      on_start=getattr(self.encoders, "query_thread_setup", None))
-        logger.info("encoders: %s (model %s, %d threads for images, 1 for queries)", self.backend, self.model_id, threads)
+        logger.info("encoders: %s (model %s, %d threads for images, %d for queries)", self.backend, self.model_id,
+                    threads, text_threads if self.backend == "onnxruntime" else 1)
 
     @staticmethod
-    def _load(checkpoint: str, device: str, bf16, threads: int, encoder: str | None):
+    def _load(checkpoint: str, device: str, bf16, threads: int, encoder: str | None, text_threads: int = 2):
         choice = _choose(encoder or os.environ.get("SMART_GALLERY_ENCODER", "auto"), device, bf16)
         encoders = None
         if choice == "onnx":
@@ -120,7 +122,8 @@ class Embedder:
             from serving.onnx_export import ensure_export
 
             try:
-                encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads, text_threads=1)
+                encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads,
+                                        text_threads=min(text_threads, threads))
             except OnnxExportError as error:
                 if encoder == "onnx" or os.environ.get("SMART_GALLERY_ENCODER") == "onnx":
                     raise

@@ -101,7 +101,8 @@ class Gallery:
                              query_batch=settings.search.max_batch)
         try:
             embedder = Embedder(settings.checkpoint, settings.device, settings.bf16,
-                                settings.torch_threads or settings.cores, max_batch=settings.search.max_batch)
+                                settings.torch_threads or settings.cores, max_batch=settings.search.max_batch,
+                                text_threads=settings.search.text_threads)
         except BaseException:
             store.close()
             raise

@@ -12,9 +12,11 @@ fixed probe set; `load` refuses a folder whose manifest does not show that check
 
 Thread settings, for a small shared CPU:
 - the image session uses every core (ingest is throughput work);
-- the text session uses ONE thread: a single query is a few small matrix products, and a
-  second thread only adds a barrier that waits whenever the other core is busy (measured:
-  p50 12 ms with one thread vs 30-50 ms with two while other processes ran);
+- the text session uses `search.text_threads` (2): a sequential search at 100k images took
+  p50 13.7-13.9 ms with two against 15.5-15.6 ms with one, and with two busy programs beside
+  it 14.3-15.6 against 19-35 ms; under 50 concurrent clients the second thread cost ~0.7 ms of
+  CPU per search (docs/benchmarks.md). (Eager PyTorch was the opposite: its second thread's
+  barrier waited for the busy other core, p50 30-50 ms, so the torch path keeps one.)
 - no spin-waiting (`allow_spinning=0`): spinning threads burn the core the HTTP process and
   the decoders need.
 """

@@ -88,7 +88,8 @@ def test_search_settings_compose_from_serve_yaml_and_reach_the_batchers(tmp_path
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
         default = compose(config_name="serve", overrides=[f"checkpoint={checkpoint}"])
         tuned = compose(config_name="serve", overrides=[f"checkpoint={checkpoint}", f"db_path={tmp_path / 'db'}",
-                                                        "search.request_threads=5", "search.max_batch=3"])
+                                                        "search.request_threads=5", "search.max_batch=3",
+                                                        "search.text_threads=1"])
     assert ServeSettings.from_mapping(OmegaConf.to_container(default, resolve=True)).search.max_batch == 8
     settings = ServeSettings.from_mapping(OmegaConf.to_container(tuned, resolve=True))
     settings.validate()
@@ -97,9 +98,11 @@ def test_search_settings_compose_from_serve_yaml_and_reach_the_batchers(tmp_path
     try:
         assert gallery.store._queries._max_batch == 3
         assert gallery.embedder._batcher._batcher._max_batch == 3
+        assert gallery.embedder.backend == "onnxruntime"
+        assert gallery.embedder.encoders.text_session.get_session_options().intra_op_num_threads == 1
     finally:
         gallery.close()
-    for bad in ({"request_threads": 0}, {"max_batch": 0}):
+    for bad in ({"request_threads": 0}, {"max_batch": 0}, {"text_threads": 0}):
         with pytest.raises(ConfigError, match="search"):
             ServeSettings.from_mapping({"checkpoint": str(checkpoint), "search": bad}).validate()
 
