@@ -12,8 +12,8 @@ Two backends with one interface (`embed_images`, `embed_texts`, `transform`, `pr
 Search queries go through an LRU cache keyed by (model id, text) (`serving.query_cache`), then
 a micro-batcher (`serving.batching`): concurrent searches share one text-encoder run instead of
 each thread running the encoder on its own and fighting over the same cores. The batcher's
-thread runs the text encoder on one core: on a shared 2-core machine a second thread mostly
-waits for the busy other core (see `serving.onnx_encoder`). The store's top-k queries are
+thread runs the text encoder (ONNX Runtime on `text_threads` threads, eager PyTorch on one;
+why: `serving.onnx_encoder`). The store's top-k queries are
 batched the same way, per gallery (`GalleryStore.query`).
 
 Image batches (ingest) run on a thread of their own at a lower CPU priority
@@ -93,6 +93,7 @@ class Embedder:
     def __init__(self, checkpoint: str, device: str = "auto", bf16: str | bool = "auto", threads: int | None = None,
                  encoder: str | None = None, query_cache_size: int = 4096, max_batch: int = 8, text_threads: int = 2):
         threads = int(threads or _cores())
+        text_threads = min(int(text_threads), threads)
         # The encoders are built on the low-priority image thread: the pool threads ONNX Runtime
         # starts for the image session inherit its priority.
         self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="image-encoder", initializer=lower_thread_priority)
@@ -123,7 +124,7 @@ class Embedder:
 
             try:
                 encoders = OnnxEncoders(ensure_export(checkpoint), checkpoint, image_threads=threads,
-                                        text_threads=min(text_threads, threads))
+                                        text_threads=text_threads)
             except OnnxExportError as error:
                 if encoder == "onnx" or os.environ.get("SMART_GALLERY_ENCODER") == "onnx":
                     raise

@@ -33,8 +33,8 @@ from typing import Callable, Iterable, Iterator
 
 from data.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageLoadError, is_image_file, load_image
 from serving.errors import GalleryError, bad_request, forbidden, not_found
-from serving.paths import PathPolicy
 from serving.memory import release_free_memory
+from serving.paths import PathPolicy
 from serving.priority import lower_thread_priority
 from serving.store import GalleryStore, ImageRecord, User, image_id
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -36,10 +37,18 @@ def tune_malloc() -> None:
         os.environ.setdefault(name, value)
 
 
-def release_free_memory() -> None:
-    """Give the free pages of the heap and arenas back to the system (glibc `malloc_trim`)."""
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None elsewhere. Looked up once: `find_library` runs ldconfig."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError) as error:  # not glibc
         logger.debug("malloc_trim is not available: %s", error)
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the free pages of the heap and arenas back to the system (glibc `malloc_trim`)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
