@@ -95,7 +95,11 @@ class Embedder:
         threads = int(threads or _cores())
         text_threads = min(int(text_threads), threads)
         # The encoders are built on the low-priority image thread: the pool threads ONNX Runtime
-        # starts for the image session inherit its priority.
+        # starts for the image session inherit its priority. So does the text session's second
+        # thread, on purpose: when the cores are free it halves a query's wall time, under load
+        # it steps back and the query's own thread does the work. Built at normal priority, it
+        # measured no better in three paired runs of 50 clients during an ingest (120-132 vs
+        # 134-152 searches/s, docs/benchmarks.md).
         self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="image-encoder", initializer=lower_thread_priority)
         try:
             self.encoders = self._image_thread.submit(self._load, checkpoint, device, bf16, threads, encoder,
