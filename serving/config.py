@@ -45,6 +45,7 @@ class SearchSettings:
     request_threads: int = 48
     max_batch: int = 8              # queries per text-encoder run and per Chroma top-k query
     text_threads: int = 2           # ONNX Runtime threads of the text encoder (serving/onnx_encoder.py)
+    direct_link: bool = True        # short reads skip LitServe's queues (serving/worker_link.py)
 
 
 @dataclass

@@ -150,13 +150,18 @@ def test_restart_signals_and_model_change(env):
     assert code == 0 and not survivors, (code, survivors, server.log()[-3000:])
     assert sorted(p.name for p in cwd.iterdir() if not p.name.startswith("server-")) == []  # no client.py, no outputs/
 
-    again = env["server"] = ServerProcess(checkpoint_a, db, cwd).wait_ready()
+    tmp = cwd.parent / "tmp"  # where the server puts the socket of its worker link
+    tmp.mkdir()
+    again = env["server"] = ServerProcess(checkpoint_a, db, cwd, env={"TMPDIR": str(tmp)}).wait_ready()
+    assert [p.name for p in tmp.glob("smart-gallery-*/*")] == ["worker.sock"]
     after = curl_post(f"{again.url}/images/search?user_id={uid}", query).json()["results"]
     assert [(r["id"], round(r["score"], 5)) for r in after] == [(r["id"], round(r["score"], 5)) for r in before]
     code, survivors = again.stop(signal.SIGINT)
     assert code == 0 and not survivors, (code, survivors, again.log()[-3000:])
+    assert list(tmp.glob("smart-gallery-*")) == []  # the socket folder is removed at exit
 
-    other = env["server"] = ServerProcess(checkpoint_b, db, cwd).wait_ready()
+    # Without the direct link every request takes LitServe's queue; the answers are the same.
+    other = env["server"] = ServerProcess(checkpoint_b, db, cwd, "search.direct_link=false").wait_ready()
     url = other.url
     refused = curl_post(f"{url}/images/search?user_id={uid}", query)
     assert refused.status_code == 409 and model_a in refused.json()["detail"] and "reindex" in refused.json()["detail"]
