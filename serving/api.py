@@ -568,7 +568,8 @@ class GalleryAPI(ls.LitAPI):
         self.gallery = Gallery.open(settings, stop=self.stop)
         self.keys = KeyRing(settings.db_dir)
         if self.link_path:
-            LinkServer(self.link_path, self._answer_link, self._executor).start()
+            self._link_server = LinkServer(self.link_path, self._answer_link, self._executor)
+            self._link_server.start()
         logger.info("gallery worker ready: model %s, store %s", self.gallery.model_id, settings.db_dir)
 
     async def decode_request(self, request, **kwargs):

@@ -69,6 +69,7 @@ class LinkServer:
         self._executor = executor
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._server = None  # held: uvloop closes a listening socket whose Server is garbage-collected
 
     def start(self) -> None:
         """Listen on a thread of its own, with its own event loop (of the current policy: uvloop
@@ -81,7 +82,7 @@ class LinkServer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         try:
-            loop.run_until_complete(asyncio.start_unix_server(self._serve, path=self.path))
+            self._server = loop.run_until_complete(asyncio.start_unix_server(self._serve, path=self.path))
         except BaseException as error:
             self._error = error
             self._ready.set()
@@ -122,6 +123,7 @@ class LinkClient:
         self._last_number = 0
         self._connecting: asyncio.Lock | None = None
         self._next_try = 0.0
+        self._was_up = False
 
     async def call(self, request: dict) -> tuple[bool, Any]:
         """`(True, response)` or `(False, exception)`; raises `LinkDown` when the worker cannot
@@ -149,7 +151,11 @@ class LinkClient:
                     reader, self._writer = await asyncio.open_unix_connection(self.path)
                 except OSError as error:
                     self._next_try = time.monotonic() + RETRY_CONNECT_S
+                    if self._was_up:  # not a worker still starting: say so, the fallback is slower
+                        logger.warning("the direct link to the gallery worker is down (%s); requests take "
+                                       "LitServe's queue", error)
                     raise LinkDown(f"cannot reach the gallery worker at {self.path}: {error}") from None
+                self._was_up = True
                 asyncio.ensure_future(self._read_replies(reader, self._writer))
         return self._writer
 

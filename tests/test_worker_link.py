@@ -63,6 +63,27 @@ def test_answers_reach_their_own_callers_and_errors_come_back(link):
     asyncio.run(main())
 
 
+def test_the_link_outlives_garbage_collection_on_uvloop(tmp_path):
+    """The worker runs uvloop, which closes a listening socket whose Server object is collected:
+    the link then went down after the first ingest and every search fell back to the queue."""
+    import gc
+
+    import uvloop
+
+    executor = ThreadPoolExecutor(2)
+    path = socket_path(str(tmp_path))
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        LinkServer(path, handle, executor).start()
+        gc.collect()
+        time.sleep(0.2)  # the link thread's loop runs the close, if there is one
+        assert asyncio.run(LinkClient(path).call({"op": "echo", "n": 3}))[1]["echo"] == 3
+    finally:
+        asyncio.set_event_loop_policy(previous)
+        executor.shutdown(wait=False)
+
+
 def test_a_worker_not_listening_is_reported_before_sending(tmp_path, monkeypatch):
     monkeypatch.setattr(worker_link, "RETRY_CONNECT_S", 0.3)
     path = socket_path(str(tmp_path))
