@@ -260,6 +260,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", type=Path, help="keep images and store here (default: a temp folder, removed)")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a server setting for paired runs, e.g. search.direct_link=false (repeatable)")
     parser.add_argument("--keep-store", action="store_true",
                         help="reuse the filled galleries of an earlier run in --workdir (filling 100k takes minutes)")
     args = parser.parse_args()
@@ -315,7 +317,7 @@ def main() -> None:
     log = open(work / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "serving", f"checkpoint={checkpoint}", f"db_path={db}", f"port={port}",
-         "log_level=warning", f"ingest.batch_size={args.batch_size}"],
+         "log_level=warning", f"ingest.batch_size={args.batch_size}", *args.serve_arg],
         cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
     )
     family: set[int] = set()
@@ -413,6 +415,8 @@ def main() -> None:
     print()
     print(f"checkpoint {checkpoint} (model {model_id}, embed dim {dim}, image size {bound['image_size']}, "
           f"encoders: {bound['backend']})")
+    if args.serve_arg:
+        print(f"server settings: {' '.join(args.serve_arg)}")
     print(f"server startup to /health 200: {startup_s:.1f} s")
     print()
     print(f"INGEST  POST /images/add-folder, {report['added']} x {width}x{height} JPEG "
