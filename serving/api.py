@@ -21,8 +21,8 @@ collection are serialised by a lock in the store; reads take none.
 The HTTP processes (`num_api_servers`, 1 by default on a small machine) only parse, check the
 body size and the admin key, and forward; they never open the store. The short reads a person
 waits for (`LINK_OPS`: searches, listings, thumbnails) are forwarded over a Unix socket straight
-to the worker instead of LitServe's queues (serving/worker_link.py: -1.5 ms per search, +13%
-searches/s under load); they end in the same thread pool and the same `_dispatch`. Gallery keys are checked
+to the worker instead of LitServe's queues (serving/worker_link.py: -1.2 to -1.7 ms per search,
++12-22% searches/s under load); they end in the same thread pool and the same `_dispatch`. Gallery keys are checked
 in the worker, which holds their hashes (serving/keys.py): the envelope carries only the hash of
 the key a request sent. The OpenAPI document is the contract: every route declares each status
 it can answer with `ErrorResponse` (`ROUTE_ERRORS`), and security only when keys are required. Scaling past one machine would

@@ -3,9 +3,9 @@
 Why: through LitServe's queues a request crosses three processes (HTTP process -> the
 multiprocessing manager -> the worker, and back through a response queue and a consumer
 thread). Over this link the HTTP process writes one frame to the worker and reads one back.
-At 100k images on the 2-core machine (paired runs, docs/benchmarks.md): a sequential search
-p50 14.3-14.6 -> 12.9-13.2 ms; 50 clients 148-154 -> 167-174 searches/s, p99 404-423 ->
-352-372 ms, server CPU per search 12.5-12.9 -> 10.8-11.1 ms.
+At 100k images on the 2-core machine (three paired runs of scripts/bench_serving.py,
+docs/benchmarks.md): a sequential search p50 15.6-15.9 -> 14.2-14.5 ms; 50 clients 148-150 ->
+168-176 searches/s, p99 410-431 -> 346-382 ms; server CPU per search 12.3-12.4 -> 10.5-10.9 ms.
 
 What goes over it: the operations in `LINK_OPS` of serving/api.py (searches, listings,
 thumbnails: what a person waits for), when `search.direct_link` is on. Everything else, and
