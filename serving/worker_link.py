@@ -124,6 +124,7 @@ class LinkClient:
         self._connecting: asyncio.Lock | None = None
         self._next_try = 0.0
         self._was_up = False
+        self._replies: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
 
     async def call(self, request: dict) -> tuple[bool, Any]:
         """`(True, response)` or `(False, exception)`; raises `LinkDown` when the worker cannot
@@ -156,7 +157,7 @@ class LinkClient:
                                        "LitServe's queue", error)
                     raise LinkDown(f"cannot reach the gallery worker at {self.path}: {error}") from None
                 self._was_up = True
-                asyncio.ensure_future(self._read_replies(reader, self._writer))
+                self._replies = asyncio.ensure_future(self._read_replies(reader, self._writer))
         return self._writer
 
     async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -166,8 +167,9 @@ class LinkClient:
                 future = self._pending.get(number)
                 if future is not None and not future.done():
                     future.set_result((ok, result))
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
-            logger.warning("the link to the gallery worker closed: %r", error)
+        except (asyncio.IncompleteReadError, ConnectionError) as error:  # the worker stopped
+            logger.log(logging.WARNING if self._pending else logging.INFO,
+                       "the link to the gallery worker closed with %d requests unanswered: %r", len(self._pending), error)
         except Exception:
             logger.exception("unreadable reply on the link to the gallery worker; closing it")
         finally:
