@@ -26,13 +26,13 @@ from typing import Callable
 import numpy as np
 
 
-def _answer(futures: list[Future], compute: Callable[[], list], what: str) -> None:
+def _answer(futures: list[Future], compute: Callable[[], list]) -> None:
     """Give each waiting caller its own row of `compute()`; an error (or a wrong row count) goes
     to every one of them, so no caller waits for ever and the batching thread goes on."""
     try:
         results = compute()
         if len(results) != len(futures):
-            raise RuntimeError(f"{len(results)} {what} for {len(futures)} calls")
+            raise RuntimeError(f"{len(results)} results for {len(futures)} calls")
         for future, result in zip(futures, results):
             future.set_result(result)
     except BaseException as error:
@@ -115,7 +115,7 @@ class GroupBatcher:
             for key, members in groups.items():
                 # An error in this group goes to this group's callers only.
                 _answer([future for _, future in members],
-                        lambda: self._run_group(key, [item for item, _ in members]), "results")
+                        lambda: self._run_group(key, [item for item, _ in members]))
                 self.calls += 1
                 self.items += len(members)
                 self.largest_group = max(self.largest_group, len(members))

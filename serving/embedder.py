@@ -13,8 +13,8 @@ Search queries go through an LRU cache keyed by (model id, text) (`serving.query
 a micro-batcher (`serving.batching`): concurrent searches share one text-encoder run instead of
 each thread running the encoder on its own and fighting over the same cores. The batcher's
 thread runs the text encoder (ONNX Runtime on `text_threads` threads, eager PyTorch on one;
-why: `serving.onnx_encoder`). The store's top-k queries are
-batched the same way, per gallery (`GalleryStore.query`).
+why: `serving.onnx_encoder`). The store's top-k queries are batched the same way, per gallery
+(`GalleryStore.query`).
 
 Image batches (ingest) run on a thread of their own at a lower CPU priority
 (`serving.priority`), so searches arriving during an ingest get the cores first; a single
@@ -119,7 +119,7 @@ class Embedder:
                     threads, text_threads if self.backend == "onnxruntime" else 1)
 
     @staticmethod
-    def _load(checkpoint: str, device: str, bf16, threads: int, encoder: str | None, text_threads: int = 2):
+    def _load(checkpoint: str, device: str, bf16, threads: int, encoder: str | None, text_threads: int):
         choice = _choose(encoder or os.environ.get("SMART_GALLERY_ENCODER", "auto"), device, bf16)
         encoders = None
         if choice == "onnx":
